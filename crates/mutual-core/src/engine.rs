@@ -1,0 +1,1010 @@
+//! The claim engine: one sans-IO state machine per node.
+//!
+//! `handle(now_ms, event)` in, [`Command`]s out — the engine/runtime split of openraft and
+//! quinn-proto. The engine owns the node's replica of every job (as [`JobView`]s), its
+//! hybrid logical clock and its free capacity; it never does IO, never reads a clock and
+//! never draws randomness. The real node and the simulator execute the commands: persist and
+//! push records, start and stop executions, arm timers.
+//!
+//! The rules (`design.md` §2–§3, and the engine fixes the model check found necessary):
+//!
+//! - **Claiming.** A queued job that fits is claimed after a rendezvous delay
+//!   ([`crate::rank`]); the claimant then waits the settle window and starts only if it is
+//!   still the winner of its epoch and the epoch is still open.
+//! - **Fencing.** A holder stops its execution as soon as its view shows a smaller claim in
+//!   its epoch, a claim of a later epoch, its epoch expired, or a terminal state; a holder that
+//!   knows it lost writes no result. Results and checkpoints carry `seen`.
+//! - **Failure.** A non-zero exit writes the result and an expiry (an attempt used up). A
+//!   holder judged dead by this node's own detector has its epoch expired; a periodic sweep
+//!   expires epochs of holders that anyone judged dead, as a backstop.
+//! - **Restart.** A restarted engine is passive — it claims nothing and expires nothing —
+//!   until the driver reports [`Event::CaughtUp`] (pulled from a caught-up peer, or gave up
+//!   waiting). It then gives up, by expiry, any epoch its view says it holds but it no longer
+//!   runs.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::derive::{JobState, derive_state, restorable_checkpoint};
+use crate::hlc::{Hlc, HlcClock};
+use crate::ids::{JobId, NodeId};
+use crate::rank::claim_delay_ms;
+use crate::spec::{JobRequest, JobSpec, Resources, SpecError};
+use crate::token::{Epoch, FencingToken};
+use crate::view::{
+    CheckpointRec, ExecMetrics, ExpiryReason, ExpiryRec, Inserted, JobView, Outcome, Record,
+    ResultRec,
+};
+
+/// Most records accepted in one [`Event::Remote`].
+pub const MAX_RECORDS_PER_EVENT: usize = 4_096;
+
+/// A node's engine settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Settle window W: wait this long after claiming before starting. Must be at least
+    /// the largest claim propagation delay, twice that with skewed clocks.
+    pub settle_ms: u64,
+    /// Rendezvous step: rank r waits r × step before claiming.
+    pub rank_step_ms: u64,
+    /// Executions this node runs at once.
+    pub slots: u32,
+    /// Resources this node offers.
+    pub capacity: Resources,
+    /// This node's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Whether this node can run container jobs.
+    pub containers: bool,
+    /// Remote timestamps further ahead than this are refused.
+    pub max_drift_ms: u64,
+    /// Period of the backstop sweep.
+    pub sweep_interval_ms: u64,
+    /// A holder judged dead by someone else is expired by the sweep after this long.
+    pub dead_holder_grace_ms: u64,
+    /// When a slot frees, consider this many queued jobs for claiming.
+    pub claim_window: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            settle_ms: 10,
+            rank_step_ms: 2,
+            slots: 4,
+            capacity: Resources {
+                cpu_millis: 4_000,
+                memory_bytes: 8 << 30,
+                gpus: 0,
+            },
+            labels: BTreeMap::new(),
+            containers: false,
+            max_drift_ms: crate::hlc::DEFAULT_MAX_DRIFT_MS,
+            sweep_interval_ms: 1_000,
+            dead_holder_grace_ms: 2_000,
+            claim_window: 16,
+        }
+    }
+}
+
+/// Something that happened to the node.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Records received from a peer (decoded from its job document).
+    Remote {
+        /// The job.
+        job: JobId,
+        /// The records.
+        records: Vec<Record>,
+    },
+    /// A user asked this node to cancel a job.
+    Cancel {
+        /// The job.
+        job: JobId,
+    },
+    /// A timer the engine armed fired.
+    Timer(Timer),
+    /// An execution this node started has ended (after a [`Command::Stop`] too).
+    ExecutionFinished {
+        /// The job.
+        job: JobId,
+        /// The token it ran under.
+        token: FencingToken,
+        /// How it ended.
+        outcome: Outcome,
+        /// Measurements.
+        metrics: ExecMetrics,
+        /// Outputs content id.
+        outputs: Option<String>,
+        /// Log content id.
+        logs: Option<String>,
+    },
+    /// The agent snapshotted a running job's checkpoint directory.
+    CheckpointTaken {
+        /// The job.
+        job: JobId,
+        /// The token it runs under.
+        token: FencingToken,
+        /// Content id of the snapshot.
+        cid: String,
+    },
+    /// This node's own failure detector judged `node` dead (after probing it).
+    Suspect(NodeId),
+    /// Somebody judged `node` dead (membership dissemination).
+    MemberDown(NodeId),
+    /// `node` is alive (again).
+    MemberUp(NodeId),
+    /// The number of live nodes changed (for the rendezvous delay).
+    ClusterSize(usize),
+    /// After a restart: the replica has caught up with a peer.
+    CaughtUp,
+}
+
+/// Timers the engine arms with [`Command::SetTimer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Timer {
+    /// Claim `epoch` of `job` if it is still queued.
+    Claim {
+        /// The job.
+        job: JobId,
+        /// The epoch.
+        epoch: Epoch,
+    },
+    /// The settle window after a claim has passed.
+    Settle {
+        /// The job.
+        job: JobId,
+        /// The epoch claimed.
+        epoch: Epoch,
+    },
+    /// The job's timeout.
+    Timeout {
+        /// The job.
+        job: JobId,
+        /// The execution's token.
+        token: FencingToken,
+    },
+    /// The backstop sweep.
+    Sweep,
+}
+
+/// Why an execution must stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StopReason {
+    /// A smaller claim in its epoch, a later epoch's claim, or its epoch expired.
+    Fenced,
+    /// The job reached a terminal state elsewhere (e.g. cancelled).
+    Terminal,
+    /// The job's timeout passed.
+    Timeout,
+}
+
+/// Something the driver must do.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Persist the record durably, then push it to peers. The engine's view already has it.
+    Write {
+        /// The job.
+        job: JobId,
+        /// The record.
+        record: Record,
+    },
+    /// Start executing the job.
+    Start {
+        /// The job.
+        job: JobId,
+        /// The fencing token (hand it to the job).
+        token: FencingToken,
+        /// The spec.
+        spec: Arc<JobSpec>,
+        /// The checkpoint to restore first, if any.
+        restore: Option<String>,
+    },
+    /// Stop the execution at once (kill it); report [`Event::ExecutionFinished`] when gone.
+    Stop {
+        /// The job.
+        job: JobId,
+        /// Its token.
+        token: FencingToken,
+        /// Why.
+        reason: StopReason,
+    },
+    /// Deliver `timer` when the local clock reads `at_ms`.
+    SetTimer {
+        /// Local time to fire at.
+        at_ms: u64,
+        /// The timer.
+        timer: Timer,
+    },
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// A cancel record was written.
+    Cancelled,
+    /// The job had already ended; nothing was written.
+    AlreadyTerminal(JobState),
+}
+
+/// Errors the engine returns to callers (refused requests, not protocol outcomes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The job is not known here.
+    #[error("unknown job {0}")]
+    UnknownJob(JobId),
+    /// The spec is invalid.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// Too many records in one event.
+    #[error("too many records in one message: {got}, the limit is {MAX_RECORDS_PER_EVENT}")]
+    TooManyRecords {
+        /// Found.
+        got: usize,
+    },
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Events handled.
+    pub events: u64,
+    /// Claims written.
+    pub claims: u64,
+    /// Claims that lost during the settle window.
+    pub settle_losses: u64,
+    /// Executions started.
+    pub starts: u64,
+    /// Executions stopped because the node learned it lost.
+    pub fenced_stops: u64,
+    /// Expiries written.
+    pub expiries: u64,
+    /// Results written.
+    pub results: u64,
+    /// Remote records refused for being beyond the drift bound.
+    pub clock_rejections: u64,
+    /// Remote records that conflicted with a different value under the same key.
+    pub conflicts: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExecState {
+    Running,
+    Stopping(StopReason),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Exec {
+    token: FencingToken,
+    state: ExecState,
+    checkpoint_seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    view: JobView,
+    state: Option<JobState>,
+    exec: Option<Exec>,
+    /// Claim timer armed for this epoch.
+    armed: Option<Epoch>,
+    /// Claimed, waiting for the settle window.
+    pending: Option<FencingToken>,
+    /// Key in the queued index.
+    queued_key: Option<QueueKey>,
+    /// Node this job is indexed under in `held_by`.
+    holder: Option<NodeId>,
+}
+
+type QueueKey = (Reverse<i32>, Hlc, JobId);
+
+/// One node's claim engine.
+#[derive(Debug)]
+pub struct Engine {
+    me: NodeId,
+    config: EngineConfig,
+    clock: HlcClock,
+    jobs: BTreeMap<JobId, Entry>,
+    queued: BTreeSet<QueueKey>,
+    held_by: BTreeMap<NodeId, BTreeSet<JobId>>,
+    suspected: BTreeSet<NodeId>,
+    down_since: BTreeMap<NodeId, u64>,
+    free: Resources,
+    free_slots: u32,
+    cluster_size: usize,
+    passive: bool,
+    nonce: u64,
+    out: Vec<Command>,
+    stats: EngineStats,
+}
+
+impl Engine {
+    /// A fresh node with no state (active at once: it has nothing stale to act on).
+    pub fn new(me: NodeId, config: EngineConfig, now_ms: u64) -> Engine {
+        let mut e = Engine {
+            me,
+            clock: HlcClock::new(config.max_drift_ms),
+            free: config.capacity,
+            free_slots: config.slots,
+            config,
+            jobs: BTreeMap::new(),
+            queued: BTreeSet::new(),
+            held_by: BTreeMap::new(),
+            suspected: BTreeSet::new(),
+            down_since: BTreeMap::new(),
+            cluster_size: 1,
+            passive: false,
+            nonce: 0,
+            out: Vec::new(),
+            stats: EngineStats::default(),
+        };
+        e.set_timer(now_ms + e.config.sweep_interval_ms, Timer::Sweep);
+        e
+    }
+
+    /// A node restarted from its durable replica. It stays passive until
+    /// [`Event::CaughtUp`]. Returns the engine and the commands to run (timers).
+    pub fn restart(
+        me: NodeId,
+        config: EngineConfig,
+        views: impl IntoIterator<Item = JobView>,
+        now_ms: u64,
+    ) -> (Engine, Vec<Command>) {
+        let mut e = Engine::new(me, config, now_ms);
+        e.passive = true;
+        let mut max_hlc = Hlc(0);
+        for view in views {
+            let Some(id) = view.spec.as_ref().map(|s| s.id) else {
+                continue;
+            };
+            for r in view.records() {
+                max_hlc = max_hlc.max(r.hlc());
+            }
+            e.jobs.insert(
+                id,
+                Entry {
+                    view,
+                    ..Entry::default()
+                },
+            );
+        }
+        // Our own clock must move past everything we hold before the crash, whatever the
+        // drift bound says: these are our own durable records.
+        e.clock = clock_at_least(e.config.max_drift_ms, max_hlc);
+        let ids: Vec<JobId> = e.jobs.keys().copied().collect();
+        for id in ids {
+            e.reevaluate(now_ms, id);
+        }
+        let out = std::mem::take(&mut e.out);
+        (e, out)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.me
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// True while restarted and not yet caught up.
+    pub fn is_passive(&self) -> bool {
+        self.passive
+    }
+
+    /// The node's replica of a job.
+    pub fn view(&self, job: &JobId) -> Option<&JobView> {
+        self.jobs.get(job).map(|e| &e.view)
+    }
+
+    /// All jobs this replica holds, with their views.
+    pub fn views(&self) -> impl Iterator<Item = (&JobId, &JobView)> {
+        self.jobs.iter().map(|(id, e)| (id, &e.view))
+    }
+
+    /// Consumes the engine, returning its durable state (what a crash keeps).
+    pub fn into_views(self) -> impl Iterator<Item = JobView> {
+        self.jobs.into_values().map(|e| e.view)
+    }
+
+    /// The derived state of a job as this replica sees it.
+    pub fn state(&self, job: &JobId) -> Option<JobState> {
+        self.jobs.get(job).and_then(|e| e.state)
+    }
+
+    /// Jobs this node is executing (or stopping), with their tokens.
+    pub fn executions(&self) -> impl Iterator<Item = (JobId, FencingToken, bool)> + '_ {
+        self.jobs.iter().filter_map(|(id, e)| {
+            e.exec
+                .map(|x| (*id, x.token, x.state == ExecState::Running))
+        })
+    }
+
+    /// The hybrid logical clock's last timestamp.
+    pub fn clock(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    /// Accepts a job: validates it, writes its spec, and considers claiming it.
+    pub fn submit(
+        &mut self,
+        now_ms: u64,
+        request: JobRequest,
+    ) -> Result<(JobId, Vec<Command>), EngineError> {
+        let hlc = self.clock.now(now_ms);
+        self.nonce += 1;
+        let id = JobId::derive(self.me, hlc, self.nonce);
+        let spec = request.validate(id, hlc, self.me)?;
+        let record = Record::Spec(Arc::new(spec));
+        self.jobs.entry(id).or_default().view.insert(record.clone());
+        self.out.push(Command::Write { job: id, record });
+        self.reevaluate(now_ms, id);
+        Ok((id, std::mem::take(&mut self.out)))
+    }
+
+    /// Cancels a job (writes a cancel record unless it already ended).
+    pub fn cancel(
+        &mut self,
+        now_ms: u64,
+        job: JobId,
+    ) -> Result<(CancelOutcome, Vec<Command>), EngineError> {
+        let entry = self.jobs.get(&job).ok_or(EngineError::UnknownJob(job))?;
+        if entry.view.spec.is_none() {
+            return Err(EngineError::UnknownJob(job));
+        }
+        if let Some(state) = entry.state.filter(|s| s.is_terminal()) {
+            return Ok((CancelOutcome::AlreadyTerminal(state), Vec::new()));
+        }
+        let hlc = self.clock.now(now_ms);
+        self.write(job, Record::Cancel { node: self.me, hlc });
+        self.reevaluate(now_ms, job);
+        Ok((CancelOutcome::Cancelled, std::mem::take(&mut self.out)))
+    }
+
+    /// Handles one event; returns the commands to execute, in order.
+    pub fn handle(&mut self, now_ms: u64, event: Event) -> Result<Vec<Command>, EngineError> {
+        self.stats.events += 1;
+        match event {
+            Event::Remote { job, records } => self.on_remote(now_ms, job, records)?,
+            Event::Cancel { job } => {
+                let (_, cmds) = self.cancel(now_ms, job)?;
+                self.out.extend(cmds);
+            }
+            Event::Timer(t) => self.on_timer(now_ms, t),
+            Event::ExecutionFinished {
+                job,
+                token,
+                outcome,
+                metrics,
+                outputs,
+                logs,
+            } => self.on_finished(now_ms, job, token, outcome, metrics, outputs, logs),
+            Event::CheckpointTaken { job, token, cid } => {
+                self.on_checkpoint(now_ms, job, token, cid)
+            }
+            Event::Suspect(node) if node == self.me => {}
+            Event::Suspect(node) => {
+                self.suspected.insert(node);
+                self.down_since.entry(node).or_insert(now_ms);
+                if !self.passive {
+                    self.expire_held_by(now_ms, node);
+                }
+            }
+            Event::MemberDown(node) => {
+                self.down_since.entry(node).or_insert(now_ms);
+            }
+            Event::MemberUp(node) => {
+                self.suspected.remove(&node);
+                self.down_since.remove(&node);
+            }
+            Event::ClusterSize(n) => self.cluster_size = n.max(1),
+            Event::CaughtUp => {
+                if self.passive {
+                    self.passive = false;
+                    let ids: Vec<JobId> = self.jobs.keys().copied().collect();
+                    for id in ids {
+                        self.reevaluate(now_ms, id);
+                    }
+                    let dead: Vec<NodeId> = self.suspected.iter().copied().collect();
+                    for node in dead {
+                        self.expire_held_by(now_ms, node);
+                    }
+                    self.fill_slots(now_ms);
+                }
+            }
+        }
+        Ok(std::mem::take(&mut self.out))
+    }
+
+    fn write(&mut self, job: JobId, record: Record) {
+        match &record {
+            Record::Claim { .. } => self.stats.claims += 1,
+            Record::Expiry { .. } => self.stats.expiries += 1,
+            Record::Result { .. } => self.stats.results += 1,
+            _ => {}
+        }
+        self.jobs
+            .entry(job)
+            .or_default()
+            .view
+            .insert(record.clone());
+        self.out.push(Command::Write { job, record });
+    }
+
+    fn set_timer(&mut self, at_ms: u64, timer: Timer) {
+        self.out.push(Command::SetTimer { at_ms, timer });
+    }
+
+    fn on_remote(
+        &mut self,
+        now_ms: u64,
+        job: JobId,
+        records: Vec<Record>,
+    ) -> Result<(), EngineError> {
+        if records.len() > MAX_RECORDS_PER_EVENT {
+            return Err(EngineError::TooManyRecords { got: records.len() });
+        }
+        let mut changed = false;
+        for r in records {
+            if self.clock.observe(r.hlc(), now_ms).is_err() {
+                self.stats.clock_rejections += 1;
+                continue;
+            }
+            let entry = self.jobs.entry(job).or_default();
+            if let Record::Spec(s) = &r
+                && s.id != job
+            {
+                continue;
+            }
+            match entry.view.insert(r) {
+                Inserted::New => changed = true,
+                Inserted::Conflict => {
+                    self.stats.conflicts += 1;
+                    changed = true;
+                }
+                Inserted::Duplicate => {}
+            }
+        }
+        if changed {
+            self.reevaluate(now_ms, job);
+        }
+        Ok(())
+    }
+
+    fn fits(&self, spec: &JobSpec) -> bool {
+        self.free_slots > 0
+            && spec.resources.fits_in(&self.free)
+            && spec.labels_match(&self.config.labels)
+            && (spec.image.is_none() || self.config.containers)
+    }
+
+    fn reserve(&mut self, r: &Resources) {
+        self.free_slots -= 1;
+        self.free.cpu_millis -= r.cpu_millis;
+        self.free.memory_bytes -= r.memory_bytes;
+        self.free.gpus -= r.gpus;
+    }
+
+    fn release(&mut self, r: &Resources) {
+        self.free_slots = (self.free_slots + 1).min(self.config.slots);
+        self.free.cpu_millis =
+            (self.free.cpu_millis + r.cpu_millis).min(self.config.capacity.cpu_millis);
+        self.free.memory_bytes =
+            (self.free.memory_bytes + r.memory_bytes).min(self.config.capacity.memory_bytes);
+        self.free.gpus = (self.free.gpus + r.gpus).min(self.config.capacity.gpus);
+    }
+
+    /// Re-derives a job's state after its view changed and reacts to it.
+    fn reevaluate(&mut self, now_ms: u64, job: JobId) {
+        let Some(entry) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let Some(spec) = entry.view.spec.clone() else {
+            return;
+        };
+        let state = derive_state(&entry.view).state;
+        entry.state = Some(state);
+
+        // Invariant 7: a holder that learns it lost stops at once.
+        if let Some(exec) = entry.exec.as_mut()
+            && exec.state == ExecState::Running
+        {
+            let fenced = entry.view.fences(&exec.token) || entry.view.is_expired(exec.token.epoch);
+            let reason = if state.is_terminal() {
+                Some(StopReason::Terminal)
+            } else if fenced {
+                Some(StopReason::Fenced)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                exec.state = ExecState::Stopping(reason);
+                let token = exec.token;
+                self.stats.fenced_stops += 1;
+                self.out.push(Command::Stop { job, token, reason });
+            }
+        }
+
+        // Queued index.
+        let want_key = match state {
+            JobState::Queued { .. } => Some((Reverse(spec.priority), spec.submitted_at, job)),
+            _ => None,
+        };
+        if entry.queued_key != want_key {
+            if let Some(k) = entry.queued_key.take() {
+                self.queued.remove(&k);
+            }
+            if let Some(k) = want_key {
+                self.queued.insert(k);
+                entry.queued_key = Some(k);
+            }
+        }
+
+        // Holder index (for failure handling).
+        let holder = state.holder().map(|t| t.node);
+        if entry.holder != holder {
+            if let Some(old) = entry.holder.take()
+                && let Some(set) = self.held_by.get_mut(&old)
+            {
+                set.remove(&job);
+                if set.is_empty() {
+                    self.held_by.remove(&old);
+                }
+            }
+            if let Some(h) = holder {
+                self.held_by.entry(h).or_default().insert(job);
+                entry.holder = Some(h);
+            }
+        }
+        let (armed, pending, idle) = (entry.armed, entry.pending, entry.exec.is_none());
+
+        if self.passive {
+            return;
+        }
+        match state {
+            JobState::Queued { epoch } => {
+                if armed != Some(epoch) && pending.is_none() && self.fits(&spec) {
+                    self.arm_claim(now_ms, job, epoch);
+                }
+            }
+            JobState::Claimed { token } | JobState::Running { token } => {
+                if token.node == self.me {
+                    // The view says we hold it, but we run nothing and are not settling:
+                    // our execution died with a previous incarnation. Give the epoch up.
+                    if idle && pending.is_none() {
+                        self.expire(now_ms, job, token, ExpiryReason::GaveUp);
+                    }
+                } else if self.suspected.contains(&token.node) {
+                    self.expire(now_ms, job, token, ExpiryReason::HolderDead);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn arm_claim(&mut self, now_ms: u64, job: JobId, epoch: Epoch) {
+        if let Some(e) = self.jobs.get_mut(&job) {
+            e.armed = Some(epoch);
+        }
+        let delay = claim_delay_ms(
+            job,
+            epoch,
+            self.me,
+            self.cluster_size,
+            self.config.rank_step_ms,
+        );
+        self.set_timer(now_ms + delay, Timer::Claim { job, epoch });
+    }
+
+    fn expire(&mut self, now_ms: u64, job: JobId, token: FencingToken, reason: ExpiryReason) {
+        let Some(entry) = self.jobs.get(&job) else {
+            return;
+        };
+        if entry.view.is_expired(token.epoch) {
+            return;
+        }
+        let hlc = self.clock.now(now_ms);
+        self.write(
+            job,
+            Record::Expiry {
+                epoch: token.epoch,
+                observer: self.me,
+                rec: ExpiryRec { hlc, reason },
+            },
+        );
+        self.reevaluate(now_ms, job);
+    }
+
+    fn expire_held_by(&mut self, now_ms: u64, node: NodeId) {
+        let jobs: Vec<JobId> = self
+            .held_by
+            .get(&node)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        for job in jobs {
+            if let Some(token) = self
+                .jobs
+                .get(&job)
+                .and_then(|e| e.state)
+                .and_then(|s| s.holder())
+                && token.node == node
+            {
+                self.expire(now_ms, job, token, ExpiryReason::HolderDead);
+            }
+        }
+    }
+
+    /// Arms claim timers for the first queued jobs that fit, after capacity freed up.
+    fn fill_slots(&mut self, now_ms: u64) {
+        if self.passive || self.free_slots == 0 {
+            return;
+        }
+        let candidates: Vec<JobId> = self
+            .queued
+            .iter()
+            .take(self.config.claim_window)
+            .map(|k| k.2)
+            .collect();
+        for job in candidates {
+            let Some(entry) = self.jobs.get(&job) else {
+                continue;
+            };
+            let (Some(spec), Some(JobState::Queued { epoch })) =
+                (entry.view.spec.clone(), entry.state)
+            else {
+                continue;
+            };
+            if entry.armed == Some(epoch) || entry.pending.is_some() || !self.fits(&spec) {
+                continue;
+            }
+            self.arm_claim(now_ms, job, epoch);
+        }
+    }
+
+    fn on_timer(&mut self, now_ms: u64, timer: Timer) {
+        match timer {
+            Timer::Claim { job, epoch } => self.on_claim_timer(now_ms, job, epoch),
+            Timer::Settle { job, epoch } => self.on_settle(now_ms, job, epoch),
+            Timer::Timeout { job, token } => {
+                if let Some(exec) = self.jobs.get_mut(&job).and_then(|e| e.exec.as_mut())
+                    && exec.token == token
+                    && exec.state == ExecState::Running
+                {
+                    exec.state = ExecState::Stopping(StopReason::Timeout);
+                    self.out.push(Command::Stop {
+                        job,
+                        token,
+                        reason: StopReason::Timeout,
+                    });
+                }
+            }
+            Timer::Sweep => {
+                if !self.passive {
+                    let due: Vec<NodeId> = self
+                        .down_since
+                        .iter()
+                        .filter(|(n, since)| {
+                            **since + self.config.dead_holder_grace_ms <= now_ms
+                                && self.held_by.contains_key(n)
+                        })
+                        .map(|(n, _)| *n)
+                        .collect();
+                    for node in due {
+                        self.expire_held_by(now_ms, node);
+                    }
+                    self.fill_slots(now_ms);
+                }
+                self.set_timer(now_ms + self.config.sweep_interval_ms, Timer::Sweep);
+            }
+        }
+    }
+
+    fn on_claim_timer(&mut self, now_ms: u64, job: JobId, epoch: Epoch) {
+        let Some(entry) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        if entry.armed == Some(epoch) {
+            entry.armed = None;
+        }
+        let Some(spec) = entry.view.spec.clone() else {
+            return;
+        };
+        if self.passive
+            || entry.state != Some(JobState::Queued { epoch })
+            || entry.pending.is_some()
+        {
+            return;
+        }
+        if !self.fits(&spec) {
+            return;
+        }
+        self.reserve(&spec.resources);
+        let hlc = self.clock.now(now_ms);
+        let token = FencingToken {
+            epoch,
+            hlc,
+            node: self.me,
+        };
+        if let Some(e) = self.jobs.get_mut(&job) {
+            e.pending = Some(token);
+        }
+        self.write(
+            job,
+            Record::Claim {
+                epoch,
+                node: self.me,
+                hlc,
+            },
+        );
+        self.set_timer(now_ms + self.config.settle_ms, Timer::Settle { job, epoch });
+        self.reevaluate(now_ms, job);
+    }
+
+    fn on_settle(&mut self, now_ms: u64, job: JobId, epoch: Epoch) {
+        let Some(entry) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let Some(token) = entry.pending.filter(|t| t.epoch == epoch) else {
+            return;
+        };
+        entry.pending = None;
+        let Some(spec) = entry.view.spec.clone() else {
+            return;
+        };
+        let lost = entry.view.fences(&token)
+            || entry.view.is_expired(epoch)
+            || entry.state.is_some_and(|s| s.is_terminal());
+        if lost {
+            self.stats.settle_losses += 1;
+            self.release(&spec.resources);
+            self.reevaluate(now_ms, job);
+            self.fill_slots(now_ms);
+            return;
+        }
+        let restore = restorable_checkpoint(&entry.view).map(|(_, _, rec)| rec.cid.clone());
+        entry.exec = Some(Exec {
+            token,
+            state: ExecState::Running,
+            checkpoint_seq: 0,
+        });
+        self.stats.starts += 1;
+        let hlc = self.clock.now(now_ms);
+        self.write(
+            job,
+            Record::Start {
+                epoch,
+                node: self.me,
+                hlc,
+            },
+        );
+        self.out.push(Command::Start {
+            job,
+            token,
+            spec: spec.clone(),
+            restore,
+        });
+        if let Some(t) = spec.timeout_ms {
+            self.set_timer(now_ms + t, Timer::Timeout { job, token });
+        }
+        self.reevaluate(now_ms, job);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_finished(
+        &mut self,
+        now_ms: u64,
+        job: JobId,
+        token: FencingToken,
+        outcome: Outcome,
+        metrics: ExecMetrics,
+        outputs: Option<String>,
+        logs: Option<String>,
+    ) {
+        let Some(entry) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let Some(exec) = entry.exec.filter(|x| x.token == token) else {
+            return;
+        };
+        entry.exec = None;
+        let Some(spec) = entry.view.spec.clone() else {
+            return;
+        };
+        let write_result = match exec.state {
+            ExecState::Running => true,
+            ExecState::Stopping(StopReason::Timeout) => true,
+            ExecState::Stopping(_) => false,
+        };
+        // The fence: a holder that knows it lost never writes a result.
+        if write_result && !entry.view.fences(&token) {
+            let outcome = match exec.state {
+                ExecState::Stopping(StopReason::Timeout) => Outcome {
+                    timed_out: true,
+                    ..outcome
+                },
+                _ => outcome,
+            };
+            let hlc = self.clock.now(now_ms);
+            let seen = entry.view.claims_from(token.epoch);
+            let rec = ResultRec {
+                claim_hlc: token.hlc,
+                outcome,
+                outputs,
+                logs,
+                metrics,
+                hlc,
+                seen,
+            };
+            self.write(
+                job,
+                Record::Result {
+                    epoch: token.epoch,
+                    node: self.me,
+                    rec: Arc::new(rec),
+                },
+            );
+            if !outcome.success() {
+                let hlc = self.clock.now(now_ms);
+                let rec = ExpiryRec {
+                    hlc,
+                    reason: ExpiryReason::Failed,
+                };
+                self.write(
+                    job,
+                    Record::Expiry {
+                        epoch: token.epoch,
+                        observer: self.me,
+                        rec,
+                    },
+                );
+            }
+        }
+        self.release(&spec.resources);
+        self.reevaluate(now_ms, job);
+        self.fill_slots(now_ms);
+    }
+
+    fn on_checkpoint(&mut self, now_ms: u64, job: JobId, token: FencingToken, cid: String) {
+        let Some(entry) = self.jobs.get_mut(&job) else {
+            return;
+        };
+        let Some(exec) = entry
+            .exec
+            .as_mut()
+            .filter(|x| x.token == token && x.state == ExecState::Running)
+        else {
+            return;
+        };
+        if entry.view.fences(&token) || entry.view.is_expired(token.epoch) {
+            return;
+        }
+        exec.checkpoint_seq += 1;
+        let seq = exec.checkpoint_seq;
+        let hlc = self.clock.now(now_ms);
+        let seen = entry.view.claims_from(token.epoch);
+        let rec = CheckpointRec {
+            claim_hlc: token.hlc,
+            cid,
+            hlc,
+            seen,
+        };
+        self.write(
+            job,
+            Record::Checkpoint {
+                epoch: token.epoch,
+                node: self.me,
+                seq,
+                rec: Arc::new(rec),
+            },
+        );
+    }
+}
+
+/// A clock whose last timestamp is at least `floor` (after a restart, past our own records).
+fn clock_at_least(max_drift_ms: u64, floor: Hlc) -> HlcClock {
+    let mut c = HlcClock::new(max_drift_ms);
+    // Observing with a physical time equal to the floor always passes the drift check.
+    let _ = c.observe(floor, floor.as_millis());
+    c
+}

@@ -1,0 +1,31 @@
+//! # mutual-core
+//!
+//! The sans-IO core of Mutual Cloud. Nothing here does IO, reads a clock or draws
+//! randomness: time and seeds are inputs. The real node (`mutual node`) and the
+//! deterministic simulator (`mutual-sim`) drive the same [`engine::Engine`].
+//!
+//! - [`ids`], [`hlc`], [`token`]: identities, hybrid logical clocks, fencing tokens.
+//! - [`spec`]: job requests and their validation.
+//! - [`view`]: a job document as a set of typed records; [`doc`]: its automerge encoding.
+//! - [`derive`]: `derive_state`, the job's state as a pure function of its records.
+//! - [`engine`]: the per-node claim engine (`handle(now, event) -> commands`).
+//! - [`rank`]: rendezvous ranking and the failure-detection ring.
+//! - [`invariants`]: one checker per invariant of `docs/invariants.md`.
+
+pub mod derive;
+pub mod doc;
+pub mod engine;
+pub mod hlc;
+pub mod ids;
+pub mod invariants;
+pub mod rank;
+pub mod spec;
+pub mod token;
+pub mod view;
+
+pub use derive::{Derived, JobState, derive_state};
+pub use hlc::{Hlc, HlcClock};
+pub use ids::{JobId, NodeId};
+pub use spec::{JobRequest, JobSpec, Resources};
+pub use token::{Epoch, FencingToken};
+pub use view::{JobView, Record};
