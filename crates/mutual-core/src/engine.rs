@@ -318,7 +318,9 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// A fresh node with no state (active at once: it has nothing stale to act on).
+    /// A fresh node with no state (active at once: it has nothing stale to act on). The
+    /// commands it queues at birth (the periodic sweep timer) come out of the first
+    /// [`Engine::handle`] call.
     pub fn new(me: NodeId, config: EngineConfig, now_ms: u64) -> Engine {
         let mut e = Engine {
             me,
@@ -664,7 +666,7 @@ impl Engine {
         }
         match state {
             JobState::Queued { epoch } => {
-                if armed != Some(epoch) && pending.is_none() && self.fits(&spec) {
+                if armed != Some(epoch) && pending.is_none() && idle && self.fits(&spec) {
                     self.arm_claim(now_ms, job, epoch);
                 }
             }
@@ -755,7 +757,11 @@ impl Engine {
             else {
                 continue;
             };
-            if entry.armed == Some(epoch) || entry.pending.is_some() || !self.fits(&spec) {
+            if entry.armed == Some(epoch)
+                || entry.pending.is_some()
+                || entry.exec.is_some()
+                || !self.fits(&spec)
+            {
                 continue;
             }
             self.arm_claim(now_ms, job, epoch);
@@ -813,6 +819,7 @@ impl Engine {
         if self.passive
             || entry.state != Some(JobState::Queued { epoch })
             || entry.pending.is_some()
+            || entry.exec.is_some()
         {
             return;
         }

@@ -10,7 +10,7 @@
 //! Two different values under one key can only come from a bug or a hostile peer. The view
 //! keeps the smaller one, so replicas still converge whatever the order they see them in.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -195,6 +195,136 @@ impl Record {
     }
 }
 
+fn mix(mut z: u64) -> u64 {
+    // splitmix64 finaliser
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A 64-bit digest of a record's key and timestamp (see [`JobView::fingerprint`]).
+fn record_digest(r: &Record) -> u64 {
+    fn node8(n: &NodeId) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&n.0[..8]);
+        u64::from_le_bytes(b)
+    }
+    let (tag, e, n, extra) = match r {
+        Record::Spec(s) => (1u64, 0, node8(&s.submitter), 0),
+        Record::Claim { epoch, node, .. } => (2, epoch.0, node8(node), 0),
+        Record::Start { epoch, node, .. } => (3, epoch.0, node8(node), 0),
+        Record::Expiry {
+            epoch, observer, ..
+        } => (4, epoch.0, node8(observer), 0),
+        Record::Checkpoint {
+            epoch, node, seq, ..
+        } => (5, epoch.0, node8(node), *seq),
+        Record::Result { epoch, node, .. } => (6, epoch.0, node8(node), 0),
+        Record::Cancel { node, .. } => (7, 0, node8(node), 0),
+    };
+    mix(tag ^ mix(u64::from(e) ^ mix(n ^ mix(extra ^ mix(r.hlc().0)))))
+}
+
+/// A small sorted map: the record sets of one job are tiny (a handful of claims, one or two
+/// results), and every node holds a replica of every job, so a `BTreeMap`'s 0.5 KiB leaf
+/// per non-empty map multiplied memory by five in 1,000-node simulations. A sorted `Vec`
+/// keeps the same total key order and a `BTreeMap`-like read API.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RecordMap<K, V>(Vec<(K, V)>);
+
+impl<K, V> Default for RecordMap<K, V> {
+    fn default() -> Self {
+        RecordMap(Vec::new())
+    }
+}
+
+impl<K: Ord, V> RecordMap<K, V> {
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True iff empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn find(&self, key: &K) -> Result<usize, usize> {
+        self.0.binary_search_by(|(k, _)| k.cmp(key))
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &K) -> Option<&V> {
+        self.find(key).ok().map(|i| &self.0[i].1)
+    }
+
+    /// True iff `key` is present.
+    pub fn contains_key(&self, key: &K) -> bool {
+        self.find(key).is_ok()
+    }
+
+    /// Entries in key order.
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&K, &V)> + ExactSizeIterator {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    /// Keys in order.
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &K> + ExactSizeIterator {
+        self.0.iter().map(|(k, _)| k)
+    }
+
+    /// Values in key order.
+    pub fn values(&self) -> impl DoubleEndedIterator<Item = &V> + ExactSizeIterator {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    /// Entries with `lo <= key` and, if given, `key <= hi`, in order.
+    pub fn range_inclusive(
+        &self,
+        lo: &K,
+        hi: Option<&K>,
+    ) -> impl DoubleEndedIterator<Item = (&K, &V)> {
+        let start = self.0.partition_point(|(k, _)| k < lo);
+        let end = match hi {
+            Some(hi) => self.0.partition_point(|(k, _)| k <= hi),
+            None => self.0.len(),
+        };
+        self.0[start..end.max(start)].iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl<K: Ord, V: Ord> RecordMap<K, V> {
+    /// Set-union insert: a new key is added; the same value is a duplicate; a different
+    /// value under the same key keeps the smaller of the two (order-independent).
+    fn put(&mut self, key: K, value: V) -> Inserted {
+        match self.find(&key) {
+            Err(i) => {
+                self.0.insert(i, (key, value));
+                Inserted::New
+            }
+            Ok(i) => {
+                let old = &mut self.0[i].1;
+                if *old == value {
+                    Inserted::Duplicate
+                } else {
+                    if value < *old {
+                        *old = value;
+                    }
+                    Inserted::Conflict
+                }
+            }
+        }
+    }
+}
+
+impl<'a, K, V> IntoIterator for &'a RecordMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = std::iter::Map<std::slice::Iter<'a, (K, V)>, fn(&'a (K, V)) -> (&'a K, &'a V)>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
 /// What inserting a record did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
@@ -212,42 +342,40 @@ pub struct JobView {
     /// The spec, once seen.
     pub spec: Option<Arc<JobSpec>>,
     /// `claims[(epoch, node)] = hlc`.
-    pub claims: BTreeMap<(Epoch, NodeId), Hlc>,
+    pub claims: RecordMap<(Epoch, NodeId), Hlc>,
     /// `starts[(epoch, node)] = hlc`.
-    pub starts: BTreeMap<(Epoch, NodeId), Hlc>,
+    pub starts: RecordMap<(Epoch, NodeId), Hlc>,
     /// `expiries[(epoch, observer)]`.
-    pub expiries: BTreeMap<(Epoch, NodeId), ExpiryRec>,
+    pub expiries: RecordMap<(Epoch, NodeId), ExpiryRec>,
     /// `checkpoints[(epoch, node, seq)]`.
-    pub checkpoints: BTreeMap<(Epoch, NodeId, u64), Arc<CheckpointRec>>,
+    pub checkpoints: RecordMap<(Epoch, NodeId, u64), Arc<CheckpointRec>>,
     /// `results[(epoch, node)]`.
-    pub results: BTreeMap<(Epoch, NodeId), Arc<ResultRec>>,
+    pub results: RecordMap<(Epoch, NodeId), Arc<ResultRec>>,
     /// `cancels[node] = hlc`.
-    pub cancels: BTreeMap<NodeId, Hlc>,
-}
-
-fn put<K: Ord, V: Ord>(map: &mut BTreeMap<K, V>, key: K, value: V) -> Inserted {
-    use std::collections::btree_map::Entry;
-    match map.entry(key) {
-        Entry::Vacant(v) => {
-            v.insert(value);
-            Inserted::New
-        }
-        Entry::Occupied(mut o) => {
-            if *o.get() == value {
-                Inserted::Duplicate
-            } else {
-                if value < *o.get() {
-                    o.insert(value);
-                }
-                Inserted::Conflict
-            }
-        }
-    }
+    pub cancels: RecordMap<NodeId, Hlc>,
+    /// Sum of the record digests, kept up to date by [`JobView::insert`].
+    digest: u64,
 }
 
 impl JobView {
     /// Adds one record (set union).
     pub fn insert(&mut self, record: Record) -> Inserted {
+        let h = record_digest(&record);
+        let result = self.insert_raw(record);
+        match result {
+            Inserted::New => self.digest = self.digest.wrapping_add(h),
+            Inserted::Conflict => {
+                self.digest = self
+                    .records()
+                    .map(|r| record_digest(&r))
+                    .fold(0, u64::wrapping_add)
+            }
+            Inserted::Duplicate => {}
+        }
+        result
+    }
+
+    fn insert_raw(&mut self, record: Record) -> Inserted {
         match record {
             Record::Spec(s) => match &self.spec {
                 None => {
@@ -262,21 +390,21 @@ impl JobView {
                     Inserted::Conflict
                 }
             },
-            Record::Claim { epoch, node, hlc } => put(&mut self.claims, (epoch, node), hlc),
-            Record::Start { epoch, node, hlc } => put(&mut self.starts, (epoch, node), hlc),
+            Record::Claim { epoch, node, hlc } => self.claims.put((epoch, node), hlc),
+            Record::Start { epoch, node, hlc } => self.starts.put((epoch, node), hlc),
             Record::Expiry {
                 epoch,
                 observer,
                 rec,
-            } => put(&mut self.expiries, (epoch, observer), rec),
+            } => self.expiries.put((epoch, observer), rec),
             Record::Checkpoint {
                 epoch,
                 node,
                 seq,
                 rec,
-            } => put(&mut self.checkpoints, (epoch, node, seq), rec),
-            Record::Result { epoch, node, rec } => put(&mut self.results, (epoch, node), rec),
-            Record::Cancel { node, hlc } => put(&mut self.cancels, node, hlc),
+            } => self.checkpoints.put((epoch, node, seq), rec),
+            Record::Result { epoch, node, rec } => self.results.put((epoch, node), rec),
+            Record::Cancel { node, hlc } => self.cancels.put(node, hlc),
         }
     }
 
@@ -377,7 +505,7 @@ impl JobView {
     /// Claims of epoch `epoch` or later, as tokens: what a writer puts in `seen`.
     pub fn claims_from(&self, epoch: Epoch) -> BTreeSet<FencingToken> {
         self.claims
-            .range((epoch, NodeId([0; 32]))..)
+            .range_inclusive(&(epoch, NodeId([0; 32])), None)
             .map(|(&(epoch, node), &hlc)| FencingToken { epoch, hlc, node })
             .collect()
     }
@@ -385,7 +513,10 @@ impl JobView {
     /// The winning (smallest) claim of `epoch`, if any.
     pub fn winner(&self, epoch: Epoch) -> Option<FencingToken> {
         self.claims
-            .range((epoch, NodeId([0; 32]))..=(epoch, NodeId([0xff; 32])))
+            .range_inclusive(
+                &(epoch, NodeId([0; 32])),
+                Some(&(epoch, NodeId([0xff; 32]))),
+            )
             .map(|(&(epoch, node), &hlc)| FencingToken { epoch, hlc, node })
             .min()
     }
@@ -412,10 +543,20 @@ impl JobView {
         self.max_epoch() > token.epoch || self.winner(token.epoch).is_some_and(|w| w < *token)
     }
 
+    /// An order-independent 64-bit digest of the record keys and timestamps, for cheap
+    /// anti-entropy comparison (equal record sets give equal digests; a mismatch means the
+    /// replicas differ). Not cryptographic: peers still validate every record they merge.
+    pub fn fingerprint(&self) -> u64 {
+        self.digest
+    }
+
     /// True iff some epoch has been expired by anyone.
     pub fn is_expired(&self, epoch: Epoch) -> bool {
         self.expiries
-            .range((epoch, NodeId([0; 32]))..=(epoch, NodeId([0xff; 32])))
+            .range_inclusive(
+                &(epoch, NodeId([0; 32])),
+                Some(&(epoch, NodeId([0xff; 32]))),
+            )
             .next()
             .is_some()
     }

@@ -127,12 +127,17 @@ fn fencing() {
     // Pass: nothing fenced, or only other tokens.
     assert_eq!(check_fencing(&v, &d, &BTreeSet::new()), Ok(()));
     assert_eq!(
-        check_fencing(&v, &d, &BTreeSet::from([tok(1, 3, node(2))])),
+        check_fencing(&v, &d, &BTreeSet::from([(tok(1, 3, node(2)), None)])),
         Ok(())
     );
-    // Violation: the accepted result's token wrote after it knew it lost.
+    // Pass: only an unrelated checkpoint of the same token was written fenced.
     assert_eq!(
-        violated(check_fencing(&v, &d, &BTreeSet::from([ta]))),
+        check_fencing(&v, &d, &BTreeSet::from([(ta, Some(9))])),
+        Ok(())
+    );
+    // Violation: the accepted result was written after its holder knew it lost.
+    assert_eq!(
+        violated(check_fencing(&v, &d, &BTreeSet::from([(ta, None)]))),
         Invariant::Fencing
     );
     // Violation through the restorable checkpoint alone (no accepted result).
@@ -140,7 +145,7 @@ fn fencing() {
     let d = derive_state(&v);
     assert!(d.accepted.is_none());
     assert_eq!(
-        violated(check_fencing(&v, &d, &BTreeSet::from([ta]))),
+        violated(check_fencing(&v, &d, &BTreeSet::from([(ta, Some(1))]))),
         Invariant::Fencing
     );
 }
@@ -148,11 +153,9 @@ fn fencing() {
 /// A holder writes checkpoint 1 while it is the winner, then learns it lost (epoch 1
 /// expired, epoch 2 claimed) and — its kill being late — writes checkpoint 2 with the
 /// later claim in `seen`. Checkpoint 2 does not count; checkpoint 1 legitimately does, and
-/// the next holder should restore it. The simulator logs the holder's token as a fenced
-/// write, and `check_fencing` then rejects the legitimate restore, because it matches
-/// fenced writes by token instead of by record.
+/// the next holder should restore it. Only checkpoint 2 is logged as a fenced write, and
+/// fenced writes are matched per record, so the legitimate restore is not flagged.
 #[test]
-#[ignore = "BUG: invariants.rs check_fencing matches fenced writes by token only, so a checkpoint written before its holder was fenced is reported as a violation (false positive)"]
 fn fencing_allows_checkpoints_written_before_the_fence() {
     let (a, b) = (node(1), node(2));
     let ta = tok(1, 5, a);
@@ -171,7 +174,14 @@ fn fencing_allows_checkpoints_written_before_the_fence() {
     let (t, seq, rec) = restorable_checkpoint(&v).expect("checkpoint 1 counts");
     assert_eq!((t, seq, rec.cid.as_str()), (ta, 1, "before-fence"));
     // Only checkpoint 2 was a fenced write; restoring checkpoint 1 violates nothing.
-    assert_eq!(check_fencing(&v, &d, &BTreeSet::from([ta])), Ok(()));
+    assert_eq!(
+        check_fencing(&v, &d, &BTreeSet::from([(ta, Some(2))])),
+        Ok(())
+    );
+    assert_eq!(
+        violated(check_fencing(&v, &d, &BTreeSet::from([(ta, Some(1))]))),
+        Invariant::Fencing
+    );
 }
 
 #[test]
@@ -391,7 +401,7 @@ fn check_replicas_reports_what_its_parts_find() {
     let ta = tok(1, 5, a);
     let done = view_of(3, &[claim(1, a, 5), result(1, a, 5, 0, 6, [ta])]);
     assert_eq!(
-        violated(check_replicas(&[&done], &BTreeSet::from([ta]))),
+        violated(check_replicas(&[&done], &BTreeSet::from([(ta, None)]))),
         Invariant::Fencing
     );
 }

@@ -14,8 +14,8 @@ use mutual_core::derive::{Derived, JobState, MAX_TAKEOVERS, derive_state, restor
 use mutual_core::hlc::Hlc;
 use mutual_core::ids::NodeId;
 use mutual_core::invariants::{
-    check_convergence, check_fencing, check_holder_stops, check_monotone_tokens, check_one_winner,
-    check_terminal_transition,
+    FencedWrites, check_convergence, check_fencing, check_holder_stops, check_monotone_tokens,
+    check_one_winner, check_terminal_transition,
 };
 use mutual_core::token::{Epoch, FencingToken};
 use mutual_core::view::{
@@ -268,8 +268,8 @@ struct Harness {
     /// Next fresh HLC (strictly increasing; the spec is at 0).
     clock: u64,
     /// Tokens with a write that does not count, and with one that does.
-    uncounted_writes: BTreeSet<FencingToken>,
-    counted_writes: BTreeSet<FencingToken>,
+    uncounted_writes: FencedWrites,
+    counted_writes: FencedWrites,
 }
 
 impl Harness {
@@ -448,9 +448,9 @@ impl Harness {
                 };
                 let counts = model_counts(writer, &seen);
                 if counts {
-                    self.counted_writes.insert(to_token(writer));
+                    self.counted_writes.insert((to_token(writer), None));
                 } else {
-                    self.uncounted_writes.insert(to_token(writer));
+                    self.uncounted_writes.insert((to_token(writer), None));
                 }
                 self.model
                     .results
@@ -503,9 +503,9 @@ impl Harness {
                 }
                 let seen = self.seen(writer, mask, extra);
                 if model_counts(writer, &seen) {
-                    self.counted_writes.insert(to_token(writer));
+                    self.counted_writes.insert((to_token(writer), Some(seq)));
                 } else {
-                    self.uncounted_writes.insert(to_token(writer));
+                    self.uncounted_writes.insert((to_token(writer), Some(seq)));
                 }
                 self.model.checkpoints.push((writer, seq, seen.clone()));
                 let hlc = self.fresh();
@@ -574,8 +574,8 @@ impl Harness {
             check_convergence(&[(&self.view, &derived), (&reversed, &rederived)]),
             Ok(())
         );
-        // Fencing: a token whose only writes do not count is never accepted nor restored.
-        let fenced: BTreeSet<FencingToken> = self
+        // Fencing: a record that does not count is never accepted nor restored.
+        let fenced: FencedWrites = self
             .uncounted_writes
             .difference(&self.counted_writes)
             .copied()

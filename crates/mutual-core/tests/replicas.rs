@@ -1180,7 +1180,7 @@ fn started(cmds: &[Command]) -> Option<FencingToken> {
 /// must not start the same job again before that execution has ended: the engine would
 /// lose track of the old execution, ignore its `ExecutionFinished`, and leak its slot.
 #[test]
-#[ignore = "BUG: engine.rs claims/starts a job whose previous execution on this node is still stopping (Entry.exec overwritten in on_settle); the old ExecutionFinished is ignored and its slot and resources leak"]
+
 fn engine_does_not_restart_a_job_while_its_execution_is_stopping() {
     let config = EngineConfig {
         slots: 2,
@@ -1255,7 +1255,7 @@ fn engine_does_not_restart_a_job_while_its_execution_is_stopping() {
 /// The consequence of the bug above: after the restarted job finishes, the node has lost a
 /// slot for good. With two slots and nothing running it claims only one of two new jobs.
 #[test]
-#[ignore = "BUG: engine.rs on_finished ignores ExecutionFinished for an execution whose Entry.exec was overwritten, so release() never runs for it: a slot leaks"]
+
 fn engine_frees_the_slot_of_a_stopped_execution() {
     let config = EngineConfig {
         slots: 2,

@@ -1,0 +1,1601 @@
+//! # mutual-sim: a deterministic simulator for Mutual Cloud
+//!
+//! N real [`Engine`]s (the same code `mutual node` runs) over a simulated network, in one
+//! thread, driven by one seeded RNG: the TigerBeetle VOPR / FoundationDB approach. Every
+//! fault is derived from the seed, so a seed reproduces a run byte for byte.
+//!
+//! What is simulated, and how:
+//!
+//! - **Network**: per-message latency drawn from a range (so messages reorder), loss,
+//!   duplication, and partitions that split the nodes in two groups for a while.
+//! - **Clocks**: each node's local clock has a fixed offset (skew) and a rate error (drift);
+//!   the engines see only local time. Timers are converted back to global time.
+//! - **Crashes**: killed nodes stop for good; crashed nodes restart later from their durable
+//!   state (their replica), losing their executions, timers and membership view.
+//! - **Failure detection**: each node probes the [`WATCHERS`] ring successors it believes
+//!   alive ([`mutual_core::rank::watch_targets`]); silence past the timeout makes it
+//!   [`Event::Suspect`] the node and tell everyone. A node told it is dead refutes it.
+//! - **Replication**: every record written is pushed to every node; periodic anti-entropy
+//!   compares per-job fingerprints with a random peer and exchanges the differing jobs.
+//!   Full replication is what the product does up to about a thousand nodes; it is also
+//!   what dominates the cost of large runs (see `bench/results/`).
+//!
+//! A run has a **safety phase** with faults, in which the invariant checkers of
+//! [`mutual_core::invariants`] run after every step on the node and job that changed, and
+//! a **liveness phase** without faults, in which every job must reach a terminal state and
+//! all live replicas must converge. Then the cross-replica checkers run on every job.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::rc::Rc;
+
+use mutual_core::derive::derive_state;
+use mutual_core::engine::{Command, Engine, EngineConfig, Event, Timer};
+use mutual_core::invariants::{self, Invariant, Violation};
+use mutual_core::rank::{WATCHERS, watch_targets};
+use mutual_core::view::{ExecMetrics, Outcome, Record};
+use mutual_core::{FencingToken, JobId, JobRequest, JobState, JobView, NodeId, Resources};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+/// Local clocks start here (ms), so that skewed clocks never go below zero.
+const CLOCK_BASE_MS: u64 = 1_000_000_000;
+/// Most violations kept in detail (all are counted).
+const MAX_VIOLATIONS_KEPT: usize = 20;
+/// Anti-entropy rounds a restarted node waits for a caught-up peer before going active.
+const PASSIVE_FALLBACK_ROUNDS: u32 = 3;
+/// Nodes believed dead near a node on the ring are re-probed about once per this many ticks.
+const REPROBE_EVERY_TICKS: u32 = 5;
+
+/// Everything that shapes a run. Every field is a flag of `mutual-sim`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SimConfig {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Number of jobs submitted.
+    pub jobs: usize,
+    /// The seed every random choice derives from.
+    pub seed: u64,
+    /// Percent of nodes killed for good during the safety phase.
+    pub kill_percent: f64,
+    /// Percent of nodes that crash and restart during the safety phase.
+    pub restart_percent: f64,
+    /// Percent of messages lost during the safety phase.
+    pub loss_percent: f64,
+    /// Percent of messages delivered twice during the safety phase.
+    pub dup_percent: f64,
+    /// Smallest one-way latency.
+    pub latency_min_ms: u64,
+    /// Largest one-way latency.
+    pub latency_max_ms: u64,
+    /// Clock offsets are drawn from ±skew.
+    pub skew_ms: u64,
+    /// Clock rate errors are drawn from ±drift (parts per million).
+    pub drift_ppm: u64,
+    /// Number of partition episodes during the safety phase.
+    pub partitions: u32,
+    /// Longest partition episode.
+    pub partition_max_ms: u64,
+    /// Executions per node.
+    pub slots: u32,
+    /// Shortest job.
+    pub job_min_ms: u64,
+    /// Longest job.
+    pub job_max_ms: u64,
+    /// Percent of executions that exit non-zero.
+    pub fail_percent: f64,
+    /// Jobs are submitted uniformly over this window.
+    pub submit_window_ms: u64,
+    /// End of the safety phase (faults stop, partitions heal, crashed nodes restart).
+    pub fault_ms: u64,
+    /// The liveness phase fails if it has not finished after this long.
+    pub liveness_limit_ms: u64,
+    /// Failure detector probe period.
+    pub probe_interval_ms: u64,
+    /// Silence after which a watched node is judged dead.
+    pub fd_timeout_ms: u64,
+    /// Anti-entropy period.
+    pub ae_interval_ms: u64,
+    /// Settle window W.
+    pub settle_ms: u64,
+    /// Rendezvous step.
+    pub rank_step_ms: u64,
+    /// Drift bound of the HLCs.
+    pub max_drift_ms: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 100,
+            jobs: 1_000,
+            seed: 0,
+            kill_percent: 10.0,
+            restart_percent: 5.0,
+            loss_percent: 1.0,
+            dup_percent: 1.0,
+            latency_min_ms: 1,
+            latency_max_ms: 10,
+            skew_ms: 50,
+            drift_ppm: 200,
+            partitions: 2,
+            partition_max_ms: 2_000,
+            slots: 4,
+            job_min_ms: 200,
+            job_max_ms: 3_000,
+            fail_percent: 0.0,
+            submit_window_ms: 10_000,
+            fault_ms: 15_000,
+            liveness_limit_ms: 120_000,
+            probe_interval_ms: 100,
+            fd_timeout_ms: 500,
+            ae_interval_ms: 1_000,
+            settle_ms: 30,
+            rank_step_ms: 2,
+            max_drift_ms: 500,
+        }
+    }
+}
+
+impl SimConfig {
+    /// The flags that reproduce this run.
+    pub fn repro_command(&self) -> String {
+        let d = SimConfig::default();
+        let mut s = format!(
+            "mutual-sim --nodes {} --jobs {} --seed {}",
+            self.nodes, self.jobs, self.seed
+        );
+        macro_rules! flag {
+            ($f:ident, $name:literal) => {
+                if self.$f != d.$f {
+                    s.push_str(&format!(concat!(" --", $name, " {}"), self.$f));
+                }
+            };
+        }
+        flag!(kill_percent, "kill-percent");
+        flag!(restart_percent, "restart-percent");
+        flag!(loss_percent, "loss-percent");
+        flag!(dup_percent, "dup-percent");
+        flag!(latency_min_ms, "latency-min-ms");
+        flag!(latency_max_ms, "latency-max-ms");
+        flag!(skew_ms, "skew-ms");
+        flag!(drift_ppm, "drift-ppm");
+        flag!(partitions, "partitions");
+        flag!(partition_max_ms, "partition-max-ms");
+        flag!(slots, "slots");
+        flag!(job_min_ms, "job-min-ms");
+        flag!(job_max_ms, "job-max-ms");
+        flag!(fail_percent, "fail-percent");
+        flag!(submit_window_ms, "submit-window-ms");
+        flag!(fault_ms, "fault-ms");
+        flag!(liveness_limit_ms, "liveness-limit-ms");
+        flag!(probe_interval_ms, "probe-interval-ms");
+        flag!(fd_timeout_ms, "fd-timeout-ms");
+        flag!(ae_interval_ms, "ae-interval-ms");
+        flag!(settle_ms, "settle-ms");
+        flag!(rank_step_ms, "rank-step-ms");
+        flag!(max_drift_ms, "max-drift-ms");
+        s
+    }
+}
+
+/// What a run measured. Deterministic: the same config gives the same summary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Summary {
+    /// The run's seed.
+    pub seed: u64,
+    /// Nodes.
+    pub nodes: usize,
+    /// Jobs submitted.
+    pub jobs: usize,
+    /// Invariant violations found (0 is the only acceptable value).
+    pub violations: usize,
+    /// The first violations, in detail.
+    pub violation_details: Vec<String>,
+    /// Jobs that succeeded.
+    pub succeeded: usize,
+    /// Jobs that failed.
+    pub failed: usize,
+    /// Jobs that were cancelled.
+    pub cancelled: usize,
+    /// Jobs whose live replicas disagree on the accepted result after convergence.
+    pub duplicate_results: usize,
+    /// Executions started beyond one per attempt the job needed.
+    pub duplicate_executions: usize,
+    /// Of those: a second start in an epoch that already had one.
+    pub duplicate_same_epoch: usize,
+    /// Of those: starts of epochs after the accepted one (re-runs after a success).
+    pub duplicate_after_success: usize,
+    /// Jobs with more than one counted successful result (both executions finished
+    /// validly; replicas still agree on one accepted result).
+    pub jobs_with_two_valid_successes: usize,
+    /// Executions started in all.
+    pub executions: usize,
+    /// Executions a node stopped because it learned it lost.
+    pub fenced_stops: u64,
+    /// Epochs expired (holders judged dead, failures, give-ups).
+    pub expiries: u64,
+    /// Claims that lost in the settle window.
+    pub settle_losses: u64,
+    /// Remote records refused by the drift bound.
+    pub clock_rejections: u64,
+    /// Nodes killed for good.
+    pub killed_nodes: usize,
+    /// Node crash-restarts.
+    pub restarts: usize,
+    /// Jobs whose holder was killed or crashed while running them.
+    pub takeovers: usize,
+    /// Median time from a holder's kill to its job running on another node (simulated).
+    pub mttr_p50_ms: u64,
+    /// 95th percentile of the same.
+    pub mttr_p95_ms: u64,
+    /// Largest of the same.
+    pub mttr_max_ms: u64,
+    /// Messages sent.
+    pub messages: u64,
+    /// Messages sent per node per simulated second (all kinds).
+    pub messages_per_node_per_s: f64,
+    /// Failure-detection messages (probes and acks) per node per simulated second.
+    pub probe_messages_per_node_per_s: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Simulated time at the end of the run.
+    pub sim_time_ms: u64,
+    /// Simulated time at which the liveness phase finished (all terminal, converged).
+    pub liveness_done_ms: Option<u64>,
+    /// The command that reproduces the run.
+    pub reproduce: String,
+}
+
+#[derive(Debug, Clone)]
+enum Msg {
+    Records {
+        job: JobId,
+        records: Rc<Vec<Record>>,
+    },
+    Probe,
+    Ack,
+    Down(u32),
+    Up(u32),
+    AeDigest(Rc<Vec<(JobId, u64)>>),
+    AeReply {
+        jobs: Vec<(JobId, Vec<Record>)>,
+        caught_up: bool,
+        digest: Option<Rc<Vec<(JobId, u64)>>>,
+    },
+    AePush {
+        jobs: Vec<(JobId, Vec<Record>)>,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Deliver {
+        to: u32,
+        from: u32,
+        msg: Msg,
+    },
+    Fanout {
+        from: u32,
+        to: Vec<u32>,
+        msg: Msg,
+    },
+    Timer {
+        node: u32,
+        inc: u32,
+        timer: Timer,
+    },
+    ExecDone {
+        node: u32,
+        inc: u32,
+        job: JobId,
+        token: FencingToken,
+        exec_id: u64,
+        killed: bool,
+    },
+    ProbeTick {
+        node: u32,
+        inc: u32,
+    },
+    AeTick {
+        node: u32,
+        inc: u32,
+    },
+    Submit {
+        n: usize,
+    },
+    Crash {
+        node: u32,
+        restart_after_ms: Option<u64>,
+    },
+    Restart {
+        node: u32,
+    },
+    PartitionStart {
+        until_ms: u64,
+    },
+    PartitionEnd,
+    FaultsEnd,
+    CheckTick,
+}
+
+struct Scheduled {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Scheduled {}
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Scheduled {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        Reverse((self.at, self.seq)).cmp(&Reverse((o.at, o.seq)))
+    }
+}
+
+struct RunningExec {
+    exec_id: u64,
+    token: FencingToken,
+    running: bool,
+}
+
+struct SimNode {
+    id: NodeId,
+    engine: Option<Engine>,
+    durable: Vec<JobView>,
+    inc: u32,
+    offset_ms: i64,
+    drift_ppm: i64,
+    alive_view: Vec<bool>,
+    alive_count: usize,
+    targets: Vec<(u32, u64)>,
+    passive_rounds: u32,
+    execs: HashMap<JobId, RunningExec>,
+    killed: bool,
+    group: u8,
+}
+
+struct JobInfo {
+    id: Option<JobId>,
+    duration_ms: u64,
+    kill_ms: Option<u64>,
+    killed_holder: Option<u32>,
+    starts: Vec<(FencingToken, u32)>,
+}
+
+/// One simulation run.
+pub struct Sim {
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Scheduled>,
+    nodes: Vec<SimNode>,
+    ring: Vec<NodeId>,
+    index: HashMap<NodeId, u32>,
+    jobs: Vec<JobInfo>,
+    job_index: HashMap<JobId, usize>,
+    prev_rank: Vec<Vec<u8>>,
+    fenced_writes: invariants::FencedWrites,
+    violations: Vec<Violation>,
+    violation_count: usize,
+    faults: bool,
+    partitioned: bool,
+    exec_seq: u64,
+    mttr_ms: Vec<u64>,
+    takeovers: usize,
+    restarts: usize,
+    killed: usize,
+    messages: u64,
+    probe_messages: u64,
+    events: u64,
+    liveness_done_ms: Option<u64>,
+    finished: bool,
+    dead_stats: mutual_core::engine::EngineStats,
+}
+
+fn term_rank(s: &JobState) -> u8 {
+    match s {
+        JobState::Cancelled => 1,
+        JobState::Failed { .. } => 2,
+        JobState::Succeeded { .. } => 3,
+        _ => 0,
+    }
+}
+
+impl Sim {
+    /// Builds a run from its config (nothing happens until [`Sim::run`]).
+    pub fn new(cfg: SimConfig) -> Sim {
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let n = cfg.nodes.max(1);
+        let mut ring: Vec<NodeId> = (0..n as u64).map(NodeId::from_index).collect();
+        ring.sort();
+        let index: HashMap<NodeId, u32> = ring
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (*id, i as u32))
+            .collect();
+        let skew = cfg.skew_ms as i64;
+        let drift = cfg.drift_ppm as i64;
+        let nodes = ring
+            .iter()
+            .map(|&id| SimNode {
+                id,
+                engine: None,
+                durable: Vec::new(),
+                inc: 0,
+                offset_ms: if skew > 0 {
+                    rng.random_range(-skew..=skew)
+                } else {
+                    0
+                },
+                drift_ppm: if drift > 0 {
+                    rng.random_range(-drift..=drift)
+                } else {
+                    0
+                },
+                alive_view: vec![true; n],
+                alive_count: n,
+                targets: Vec::new(),
+                passive_rounds: 0,
+                execs: HashMap::new(),
+                killed: false,
+                group: 0,
+            })
+            .collect();
+        let jobs = (0..cfg.jobs)
+            .map(|_| JobInfo {
+                id: None,
+                duration_ms: rng.random_range(cfg.job_min_ms..=cfg.job_max_ms.max(cfg.job_min_ms)),
+                kill_ms: None,
+                killed_holder: None,
+                starts: Vec::new(),
+            })
+            .collect();
+        Sim {
+            prev_rank: vec![vec![0u8; cfg.jobs]; n],
+            cfg,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            ring,
+            index,
+            jobs,
+            job_index: HashMap::new(),
+            fenced_writes: BTreeSet::new(),
+            violations: Vec::new(),
+            violation_count: 0,
+            faults: true,
+            partitioned: false,
+            exec_seq: 0,
+            mttr_ms: Vec::new(),
+            takeovers: 0,
+            restarts: 0,
+            killed: 0,
+            messages: 0,
+            probe_messages: 0,
+            events: 0,
+            liveness_done_ms: None,
+            finished: false,
+            dead_stats: mutual_core::engine::EngineStats::default(),
+        }
+    }
+
+    fn engine_config(&self) -> EngineConfig {
+        EngineConfig {
+            settle_ms: self.cfg.settle_ms,
+            rank_step_ms: self.cfg.rank_step_ms,
+            slots: self.cfg.slots,
+            capacity: Resources {
+                cpu_millis: 1_000 * self.cfg.slots,
+                memory_bytes: u64::from(self.cfg.slots) << 30,
+                gpus: 0,
+            },
+            max_drift_ms: self.cfg.max_drift_ms,
+            sweep_interval_ms: 1_000,
+            dead_holder_grace_ms: 3 * self.cfg.fd_timeout_ms.max(1),
+            ..EngineConfig::default()
+        }
+    }
+
+    fn local(&self, node: u32, global_ms: u64) -> u64 {
+        let n = &self.nodes[node as usize];
+        let g = global_ms as i64;
+        (CLOCK_BASE_MS as i64 + g + n.offset_ms + g * n.drift_ppm / 1_000_000) as u64
+    }
+
+    fn global(&self, node: u32, local_ms: u64) -> u64 {
+        let n = &self.nodes[node as usize];
+        let x = local_ms as i128 - CLOCK_BASE_MS as i128 - n.offset_ms as i128;
+        let g = (x * 1_000_000).div_euclid(1_000_000 + n.drift_ppm as i128) + 1;
+        (g.max(self.now as i128)) as u64
+    }
+
+    fn schedule(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Scheduled {
+            at,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn violate(&mut self, mut v: Violation, node: Option<u32>) {
+        self.violation_count += 1;
+        if self.violations.len() < MAX_VIOLATIONS_KEPT {
+            v.detail = format!(
+                "t={}ms node={:?}: {}",
+                self.now,
+                node.map(|n| self.nodes[n as usize].id),
+                v.detail
+            );
+            self.violations.push(v);
+        }
+    }
+
+    /// Decides the fate of one message: the arrival times of its copies (none if lost or
+    /// cut by the partition, two if duplicated).
+    fn route(&mut self, from: u32, to: u32, probe: bool) -> [Option<u64>; 2] {
+        self.messages += 1;
+        if probe {
+            self.probe_messages += 1;
+        }
+        if self.faults {
+            if self.cfg.loss_percent > 0.0
+                && self
+                    .rng
+                    .random_bool((self.cfg.loss_percent / 100.0).min(1.0))
+            {
+                return [None, None];
+            }
+            if self.partitioned && self.nodes[from as usize].group != self.nodes[to as usize].group
+            {
+                return [None, None];
+            }
+        }
+        let (lo, hi) = (
+            self.cfg.latency_min_ms,
+            self.cfg.latency_max_ms.max(self.cfg.latency_min_ms),
+        );
+        let first = self.now + self.rng.random_range(lo..=hi);
+        let dup = (self.faults
+            && self.cfg.dup_percent > 0.0
+            && self
+                .rng
+                .random_bool((self.cfg.dup_percent / 100.0).min(1.0)))
+        .then(|| self.now + self.rng.random_range(lo..=hi * 2));
+        [Some(first), dup]
+    }
+
+    fn send(&mut self, from: u32, to: u32, msg: Msg) {
+        let probe = matches!(msg, Msg::Probe | Msg::Ack);
+        for at in self.route(from, to, probe).into_iter().flatten() {
+            self.schedule(
+                at,
+                Ev::Deliver {
+                    to,
+                    from,
+                    msg: msg.clone(),
+                },
+            );
+        }
+    }
+
+    /// Sends `msg` to every other node. Deliveries arriving in the same millisecond share
+    /// one queue entry: with a thousand nodes, one entry per recipient made the event
+    /// queue the bottleneck.
+    fn broadcast(&mut self, from: u32, msg: Msg) {
+        let mut buckets: std::collections::BTreeMap<u64, Vec<u32>> =
+            std::collections::BTreeMap::new();
+        for to in 0..self.nodes.len() as u32 {
+            if to != from {
+                for at in self.route(from, to, false).into_iter().flatten() {
+                    buckets.entry(at).or_default().push(to);
+                }
+            }
+        }
+        for (at, to) in buckets {
+            self.schedule(
+                at,
+                Ev::Fanout {
+                    from,
+                    to,
+                    msg: msg.clone(),
+                },
+            );
+        }
+    }
+
+    /// Runs the whole simulation and returns its summary.
+    pub fn run(mut self) -> Summary {
+        let cfg = self.cfg.clone();
+        let n = self.nodes.len() as u32;
+        for i in 0..n {
+            self.boot(i, None);
+        }
+        for j in 0..cfg.jobs {
+            let at = if cfg.jobs > 1 {
+                cfg.submit_window_ms * j as u64 / (cfg.jobs as u64 - 1).max(1)
+            } else {
+                0
+            };
+            self.schedule(at + 1, Ev::Submit { n: j });
+        }
+        // Faults, all drawn from the seed.
+        let fault_ms = cfg.fault_ms.max(1);
+        let mut order: Vec<u32> = (0..n).collect();
+        for i in (1..order.len()).rev() {
+            let j = self.rng.random_range(0..=i);
+            order.swap(i, j);
+        }
+        let kills = ((cfg.kill_percent / 100.0) * f64::from(n)).round() as usize;
+        let restarts = ((cfg.restart_percent / 100.0) * f64::from(n)).round() as usize;
+        let kills = kills.min(order.len().saturating_sub(1));
+        let restarts = restarts.min(order.len().saturating_sub(1 + kills));
+        for &node in &order[..kills] {
+            let at = self.rng.random_range(fault_ms / 10..fault_ms);
+            self.schedule(
+                at,
+                Ev::Crash {
+                    node,
+                    restart_after_ms: None,
+                },
+            );
+        }
+        for &node in &order[kills..kills + restarts] {
+            let at = self.rng.random_range(fault_ms / 10..fault_ms);
+            let down = self.rng.random_range(100..3_000u64);
+            self.schedule(
+                at,
+                Ev::Crash {
+                    node,
+                    restart_after_ms: Some(down),
+                },
+            );
+        }
+        for _ in 0..cfg.partitions {
+            let at = self.rng.random_range(fault_ms / 10..fault_ms);
+            let len = self.rng.random_range(100..=cfg.partition_max_ms.max(101));
+            self.schedule(
+                at,
+                Ev::PartitionStart {
+                    until_ms: (at + len).min(fault_ms),
+                },
+            );
+        }
+        self.schedule(fault_ms, Ev::FaultsEnd);
+        self.schedule(1_000, Ev::CheckTick);
+
+        let deadline = fault_ms + cfg.liveness_limit_ms;
+        while let Some(s) = self.queue.pop() {
+            if s.at > deadline || self.finished {
+                break;
+            }
+            self.now = s.at;
+            self.events += 1;
+            self.dispatch(s.ev);
+        }
+        self.finish()
+    }
+
+    fn boot(&mut self, i: u32, views: Option<Vec<JobView>>) {
+        let cfg = self.engine_config();
+        let local = self.local(i, self.now);
+        let id = self.nodes[i as usize].id;
+        let (mut engine, cmds) = match views {
+            None => (Engine::new(id, cfg, local), Vec::new()),
+            Some(v) => Engine::restart(id, cfg, v, local),
+        };
+        let alive = self.nodes[i as usize].alive_count;
+        // The first handle() also returns what Engine::new queued (its sweep timer).
+        let more = engine
+            .handle(local, Event::ClusterSize(alive))
+            .unwrap_or_default();
+        let node = &mut self.nodes[i as usize];
+        node.engine = Some(engine);
+        node.passive_rounds = 0;
+        let inc = node.inc;
+        self.exec_cmds(i, cmds);
+        self.exec_cmds(i, more);
+        self.retarget(i);
+        let jitter = self.rng.random_range(0..self.cfg.probe_interval_ms.max(1));
+        self.schedule(self.now + jitter, Ev::ProbeTick { node: i, inc });
+        let jitter = self.rng.random_range(0..self.cfg.ae_interval_ms.max(1));
+        let first_ae = if self.nodes[i as usize]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.is_passive())
+        {
+            0
+        } else {
+            jitter
+        };
+        self.schedule(self.now + first_ae, Ev::AeTick { node: i, inc });
+    }
+
+    fn retarget(&mut self, i: u32) {
+        let node = &self.nodes[i as usize];
+        let alive = &node.alive_view;
+        let index = &self.index;
+        let new = watch_targets(node.id, &self.ring, WATCHERS, |n| alive[index[n] as usize]);
+        let now = self.now;
+        let old = std::mem::take(&mut self.nodes[i as usize].targets);
+        self.nodes[i as usize].targets = new
+            .into_iter()
+            .map(|id| {
+                let t = self.index[&id];
+                (
+                    t,
+                    old.iter()
+                        .find(|(o, _)| *o == t)
+                        .map_or(now, |(_, last)| *last),
+                )
+            })
+            .collect();
+    }
+
+    fn up(&self, i: u32) -> bool {
+        self.nodes[i as usize].engine.is_some()
+    }
+
+    /// Hands an event to node `i`'s engine, executes its commands, checks the invariants.
+    fn feed(&mut self, i: u32, event: Event, job: Option<JobId>) {
+        let local = self.local(i, self.now);
+        let Some(engine) = self.nodes[i as usize].engine.as_mut() else {
+            return;
+        };
+        let cmds = match engine.handle(local, event) {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        self.exec_cmds(i, cmds);
+        if let Some(job) = job {
+            self.check_step(i, job);
+        }
+    }
+
+    fn exec_cmds(&mut self, i: u32, cmds: Vec<Command>) {
+        let mut touched: Vec<JobId> = Vec::new();
+        for c in cmds {
+            match c {
+                Command::Write { job, record } => {
+                    if let Record::Result { epoch, node, rec } = &record {
+                        let token = FencingToken {
+                            epoch: *epoch,
+                            hlc: rec.claim_hlc,
+                            node: *node,
+                        };
+                        self.log_fenced_write(i, job, token, None);
+                    }
+                    if let Record::Checkpoint {
+                        epoch,
+                        node,
+                        rec,
+                        seq,
+                    } = &record
+                    {
+                        let token = FencingToken {
+                            epoch: *epoch,
+                            hlc: rec.claim_hlc,
+                            node: *node,
+                        };
+                        self.log_fenced_write(i, job, token, Some(*seq));
+                    }
+                    self.broadcast(
+                        i,
+                        Msg::Records {
+                            job,
+                            records: Rc::new(vec![record]),
+                        },
+                    );
+                    touched.push(job);
+                }
+                Command::Start { job, token, .. } => {
+                    self.exec_seq += 1;
+                    let exec_id = self.exec_seq;
+                    let inc = self.nodes[i as usize].inc;
+                    let Some(&jx) = self.job_index.get(&job) else {
+                        continue;
+                    };
+                    let info = &mut self.jobs[jx];
+                    info.starts.push((token, i));
+                    if let (Some(k), Some(h)) = (info.kill_ms, info.killed_holder)
+                        && h != i
+                    {
+                        self.mttr_ms.push(self.now - k);
+                        info.kill_ms = None;
+                        info.killed_holder = None;
+                    }
+                    let dur = info.duration_ms;
+                    self.nodes[i as usize].execs.insert(
+                        job,
+                        RunningExec {
+                            exec_id,
+                            token,
+                            running: true,
+                        },
+                    );
+                    self.schedule(
+                        self.now + dur,
+                        Ev::ExecDone {
+                            node: i,
+                            inc,
+                            job,
+                            token,
+                            exec_id,
+                            killed: false,
+                        },
+                    );
+                }
+                Command::Stop { job, token, reason } => {
+                    self.exec_seq += 1;
+                    let exec_id = self.exec_seq;
+                    let inc = self.nodes[i as usize].inc;
+                    if let Some(x) = self.nodes[i as usize].execs.get_mut(&job)
+                        && x.token == token
+                    {
+                        x.exec_id = exec_id;
+                        x.running = false;
+                        // Fenced, cancelled or timed out: the process is killed either way.
+                        let _ = reason;
+                        self.schedule(
+                            self.now + 1,
+                            Ev::ExecDone {
+                                node: i,
+                                inc,
+                                job,
+                                token,
+                                exec_id,
+                                killed: true,
+                            },
+                        );
+                    }
+                }
+                Command::SetTimer { at_ms, timer } => {
+                    let inc = self.nodes[i as usize].inc;
+                    let at = self.global(i, at_ms);
+                    self.schedule(
+                        at,
+                        Ev::Timer {
+                            node: i,
+                            inc,
+                            timer,
+                        },
+                    );
+                }
+            }
+        }
+        touched.sort();
+        touched.dedup();
+        for job in touched {
+            self.check_step(i, job);
+        }
+    }
+
+    fn log_fenced_write(&mut self, i: u32, job: JobId, token: FencingToken, seq: Option<u64>) {
+        let fenced = self.nodes[i as usize]
+            .engine
+            .as_ref()
+            .and_then(|e| e.view(&job))
+            .is_some_and(|v| v.fences(&token));
+        if fenced {
+            self.fenced_writes.insert((token, seq));
+        }
+    }
+
+    /// The per-step checkers on one node's replica of one job.
+    fn check_step(&mut self, i: u32, job: JobId) {
+        let Some(&jx) = self.job_index.get(&job) else {
+            return;
+        };
+        let Some(engine) = self.nodes[i as usize].engine.as_ref() else {
+            return;
+        };
+        let Some(view) = engine.view(&job) else {
+            return;
+        };
+        if view.spec.is_none() {
+            return;
+        }
+        let derived = derive_state(view);
+        let mut found: Vec<Violation> = Vec::new();
+        if engine.state(&job) != Some(derived.state) {
+            found.push(Violation {
+                invariant: Invariant::Convergence,
+                job: Some(job),
+                detail: format!(
+                    "engine reports {:?}, records derive {:?}",
+                    engine.state(&job),
+                    derived.state
+                ),
+            });
+        }
+        if let Err(v) = invariants::check_one_winner(&[(view, &derived)]) {
+            found.push(v);
+        }
+        if let Err(v) = invariants::check_monotone_tokens(view, &derived) {
+            found.push(v);
+        }
+        if let Err(v) = invariants::check_fencing(view, &derived, &self.fenced_writes) {
+            found.push(v);
+        }
+        let running: Vec<FencingToken> = self.nodes[i as usize]
+            .execs
+            .get(&job)
+            .filter(|x| x.running)
+            .map(|x| x.token)
+            .into_iter()
+            .collect();
+        if let Err(v) = invariants::check_holder_stops(view, running) {
+            found.push(v);
+        }
+        let prev = self.prev_rank[i as usize][jx];
+        let rank = term_rank(&derived.state);
+        if prev != 0 && (rank == 0 || rank < prev) {
+            let prev_state = match prev {
+                1 => JobState::Cancelled,
+                2 => JobState::Failed { token: None },
+                _ => JobState::Succeeded {
+                    token: derived
+                        .winners
+                        .values()
+                        .next()
+                        .copied()
+                        .unwrap_or(FencingToken {
+                            epoch: mutual_core::Epoch(0),
+                            hlc: mutual_core::Hlc(0),
+                            node: NodeId::default(),
+                        }),
+                },
+            };
+            if let Err(v) = invariants::check_terminal_transition(job, &prev_state, &derived.state)
+            {
+                found.push(v);
+            }
+        }
+        self.prev_rank[i as usize][jx] = prev.max(rank);
+        for v in found {
+            self.violate(v, Some(i));
+        }
+    }
+
+    fn dispatch(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver { to, from, msg } => self.deliver(to, from, msg),
+            Ev::Fanout { from, to, msg } => {
+                for t in to {
+                    self.deliver(t, from, msg.clone());
+                }
+            }
+            Ev::Timer { node, inc, timer } => {
+                if self.up(node) && self.nodes[node as usize].inc == inc {
+                    let job = match timer {
+                        Timer::Claim { job, .. }
+                        | Timer::Settle { job, .. }
+                        | Timer::Timeout { job, .. } => Some(job),
+                        Timer::Sweep => None,
+                    };
+                    self.feed(node, Event::Timer(timer), job);
+                }
+            }
+            Ev::ExecDone {
+                node,
+                inc,
+                job,
+                token,
+                exec_id,
+                killed,
+            } => {
+                if !self.up(node) || self.nodes[node as usize].inc != inc {
+                    return;
+                }
+                let valid = self.nodes[node as usize]
+                    .execs
+                    .get(&job)
+                    .is_some_and(|x| x.exec_id == exec_id);
+                if !valid {
+                    return;
+                }
+                self.nodes[node as usize].execs.remove(&job);
+                let exit_code = if killed {
+                    137
+                } else if self.cfg.fail_percent > 0.0
+                    && self
+                        .rng
+                        .random_bool((self.cfg.fail_percent / 100.0).min(1.0))
+                {
+                    1
+                } else {
+                    0
+                };
+                let dur = self
+                    .job_index
+                    .get(&job)
+                    .map_or(0, |&jx| self.jobs[jx].duration_ms);
+                let event = Event::ExecutionFinished {
+                    job,
+                    token,
+                    outcome: Outcome {
+                        exit_code,
+                        timed_out: false,
+                    },
+                    metrics: ExecMetrics {
+                        wall_ms: dur,
+                        ..ExecMetrics::default()
+                    },
+                    outputs: None,
+                    logs: None,
+                };
+                self.feed(node, event, Some(job));
+            }
+            Ev::ProbeTick { node, inc } => self.probe_tick(node, inc),
+            Ev::AeTick { node, inc } => self.ae_tick(node, inc),
+            Ev::Submit { n } => self.submit(n),
+            Ev::Crash {
+                node,
+                restart_after_ms,
+            } => self.crash(node, restart_after_ms),
+            Ev::Restart { node } => {
+                if self.up(node) || self.nodes[node as usize].killed {
+                    return;
+                }
+                self.restarts += 1;
+                let views = std::mem::take(&mut self.nodes[node as usize].durable);
+                let n = self.nodes.len();
+                let sn = &mut self.nodes[node as usize];
+                sn.alive_view = vec![true; n];
+                sn.alive_count = n;
+                self.boot(node, Some(views));
+                self.broadcast(node, Msg::Up(node));
+            }
+            Ev::PartitionStart { until_ms } => {
+                if !self.faults || self.partitioned {
+                    return;
+                }
+                self.partitioned = true;
+                for i in 0..self.nodes.len() {
+                    self.nodes[i].group = u8::from(self.rng.random_bool(0.5));
+                }
+                self.schedule(until_ms.max(self.now + 1), Ev::PartitionEnd);
+            }
+            Ev::PartitionEnd => self.partitioned = false,
+            Ev::FaultsEnd => {
+                self.faults = false;
+                self.partitioned = false;
+            }
+            Ev::CheckTick => {
+                if !self.faults && self.all_done() {
+                    self.liveness_done_ms = Some(self.now);
+                    self.finished = true;
+                    return;
+                }
+                self.schedule(self.now + 1_000, Ev::CheckTick);
+            }
+        }
+    }
+
+    fn submit(&mut self, n: usize) {
+        let live: Vec<u32> = (0..self.nodes.len() as u32)
+            .filter(|&i| self.up(i))
+            .collect();
+        if live.is_empty() {
+            self.schedule(self.now + 100, Ev::Submit { n });
+            return;
+        }
+        let i = live[self.rng.random_range(0..live.len())];
+        let local = self.local(i, self.now);
+        let req = JobRequest {
+            command: vec!["sim-job".into(), n.to_string()],
+            ..JobRequest::default()
+        };
+        let Some(engine) = self.nodes[i as usize].engine.as_mut() else {
+            return;
+        };
+        match engine.submit(local, req) {
+            Ok((id, cmds)) => {
+                self.jobs[n].id = Some(id);
+                self.job_index.insert(id, n);
+                self.exec_cmds(i, cmds);
+                self.check_step(i, id);
+            }
+            Err(e) => self.violate(
+                Violation {
+                    invariant: Invariant::NoLostJob,
+                    job: None,
+                    detail: format!("submit refused: {e}"),
+                },
+                Some(i),
+            ),
+        }
+    }
+
+    fn crash(&mut self, node: u32, restart_after_ms: Option<u64>) {
+        if !self.faults || !self.up(node) {
+            return;
+        }
+        let sn = &mut self.nodes[node as usize];
+        let Some(engine) = sn.engine.take() else {
+            return;
+        };
+        let st = engine.stats();
+        sn.durable = engine.into_views().collect();
+        self.dead_stats.fenced_stops += st.fenced_stops;
+        self.dead_stats.expiries += st.expiries;
+        self.dead_stats.settle_losses += st.settle_losses;
+        self.dead_stats.clock_rejections += st.clock_rejections;
+        let sn = &mut self.nodes[node as usize];
+        sn.inc += 1;
+        let execs: Vec<(JobId, bool)> = sn.execs.drain().map(|(j, x)| (j, x.running)).collect();
+        sn.targets.clear();
+        for (job, running) in execs {
+            if running && let Some(&jx) = self.job_index.get(&job) {
+                let info = &mut self.jobs[jx];
+                if info.kill_ms.is_none() {
+                    info.kill_ms = Some(self.now);
+                    info.killed_holder = Some(node);
+                    self.takeovers += 1;
+                }
+            }
+        }
+        match restart_after_ms {
+            Some(d) => self.schedule(self.now + d, Ev::Restart { node }),
+            None => {
+                self.nodes[node as usize].killed = true;
+                self.nodes[node as usize].durable.clear();
+                self.killed += 1;
+            }
+        }
+    }
+
+    fn probe_tick(&mut self, i: u32, inc: u32) {
+        if !self.up(i) || self.nodes[i as usize].inc != inc {
+            return;
+        }
+        let targets = self.nodes[i as usize].targets.clone();
+        let mut judged = Vec::new();
+        for (t, last) in targets {
+            if self.now.saturating_sub(last) > self.cfg.fd_timeout_ms {
+                judged.push(t);
+            } else {
+                self.send(i, t, Msg::Probe);
+            }
+        }
+        for t in judged {
+            self.mark(i, t, false);
+            let id = self.nodes[t as usize].id;
+            self.feed(i, Event::Suspect(id), None);
+            self.broadcast(i, Msg::Down(t));
+        }
+        // Every few ticks, probe the nodes believed dead between this node and its last
+        // live target: a false suspicion whose refutation was lost (e.g. in a partition)
+        // must not last for ever.
+        if self.rng.random_ratio(1, REPROBE_EVERY_TICKS) {
+            let n = self.nodes.len() as u32;
+            let mut k = (i + 1) % n;
+            let mut live_seen = 0;
+            while k != i && live_seen < WATCHERS {
+                if self.nodes[i as usize].alive_view[k as usize] {
+                    live_seen += 1;
+                } else {
+                    self.send(i, k, Msg::Probe);
+                }
+                k = (k + 1) % n;
+            }
+        }
+        self.schedule(
+            self.now + self.cfg.probe_interval_ms,
+            Ev::ProbeTick { node: i, inc },
+        );
+    }
+
+    /// Updates node `i`'s membership view of `t`.
+    fn mark(&mut self, i: u32, t: u32, alive: bool) {
+        let sn = &mut self.nodes[i as usize];
+        if sn.alive_view[t as usize] == alive {
+            return;
+        }
+        sn.alive_view[t as usize] = alive;
+        if alive {
+            sn.alive_count += 1;
+        } else {
+            sn.alive_count -= 1;
+        }
+        let count = sn.alive_count;
+        let id = self.nodes[t as usize].id;
+        let ev = if alive {
+            Event::MemberUp(id)
+        } else {
+            Event::MemberDown(id)
+        };
+        self.feed(i, ev, None);
+        self.feed(i, Event::ClusterSize(count), None);
+        self.retarget(i);
+    }
+
+    fn digest(&self, i: u32) -> Vec<(JobId, u64)> {
+        self.nodes[i as usize]
+            .engine
+            .as_ref()
+            .map(|e| e.views().map(|(id, v)| (*id, v.fingerprint())).collect())
+            .unwrap_or_default()
+    }
+
+    fn ae_tick(&mut self, i: u32, inc: u32) {
+        if !self.up(i) || self.nodes[i as usize].inc != inc {
+            return;
+        }
+        let passive = self.nodes[i as usize]
+            .engine
+            .as_ref()
+            .is_some_and(|e| e.is_passive());
+        if passive {
+            self.nodes[i as usize].passive_rounds += 1;
+            if self.nodes[i as usize].passive_rounds > PASSIVE_FALLBACK_ROUNDS {
+                self.feed(i, Event::CaughtUp, None);
+            }
+        }
+        let n = self.nodes.len() as u32;
+        if n > 1 {
+            for _ in 0..8 {
+                let j = self.rng.random_range(0..n);
+                if j != i && self.nodes[i as usize].alive_view[j as usize] {
+                    let d = Rc::new(self.digest(i));
+                    self.send(i, j, Msg::AeDigest(d));
+                    break;
+                }
+            }
+        }
+        let next = if passive {
+            self.cfg.ae_interval_ms / 4
+        } else {
+            self.cfg.ae_interval_ms
+        };
+        self.schedule(self.now + next.max(1), Ev::AeTick { node: i, inc });
+    }
+
+    /// Jobs where `mine` has records the peer's digest lacks or differs on.
+    fn diff(&self, i: u32, theirs: &[(JobId, u64)]) -> Vec<(JobId, Vec<Record>)> {
+        let Some(e) = self.nodes[i as usize].engine.as_ref() else {
+            return Vec::new();
+        };
+        let their: HashMap<JobId, u64> = theirs.iter().copied().collect();
+        e.views()
+            .filter(|(id, v)| their.get(id) != Some(&v.fingerprint()))
+            .map(|(id, v)| (*id, v.records().collect()))
+            .collect()
+    }
+
+    fn deliver(&mut self, to: u32, from: u32, msg: Msg) {
+        if !self.up(to) {
+            return;
+        }
+        match msg {
+            Msg::Records { job, records } => self.merge(to, job, (*records).clone()),
+            Msg::Probe => self.send(to, from, Msg::Ack),
+            Msg::Ack => {
+                let now = self.now;
+                if !self.nodes[to as usize].alive_view[from as usize] {
+                    // A node we believed dead answered: it is alive after all.
+                    self.mark(to, from, true);
+                    self.broadcast(to, Msg::Up(from));
+                }
+                if let Some(t) = self.nodes[to as usize]
+                    .targets
+                    .iter_mut()
+                    .find(|(t, _)| *t == from)
+                {
+                    t.1 = now;
+                }
+            }
+            Msg::Down(x) => {
+                if x == to {
+                    self.broadcast(to, Msg::Up(to));
+                } else {
+                    self.mark(to, x, false);
+                }
+            }
+            Msg::Up(x) => self.mark(to, x, true),
+            Msg::AeDigest(theirs) => {
+                let jobs = self.diff(to, &theirs);
+                let mine = self.digest(to);
+                let theirs_map: HashMap<JobId, u64> = theirs.iter().copied().collect();
+                let want = mine.len() != theirs.len()
+                    || mine.iter().any(|(j, f)| theirs_map.get(j) != Some(f));
+                let caught_up = self.nodes[to as usize]
+                    .engine
+                    .as_ref()
+                    .is_some_and(|e| !e.is_passive());
+                let digest = want.then(|| Rc::new(mine));
+                self.send(
+                    to,
+                    from,
+                    Msg::AeReply {
+                        jobs,
+                        caught_up,
+                        digest,
+                    },
+                );
+            }
+            Msg::AeReply {
+                jobs,
+                caught_up,
+                digest,
+            } => {
+                for (job, records) in jobs {
+                    self.merge(to, job, records);
+                }
+                if caught_up
+                    && self.nodes[to as usize]
+                        .engine
+                        .as_ref()
+                        .is_some_and(|e| e.is_passive())
+                {
+                    self.feed(to, Event::CaughtUp, None);
+                }
+                if let Some(d) = digest {
+                    let jobs = self.diff(to, &d);
+                    if !jobs.is_empty() {
+                        self.send(to, from, Msg::AePush { jobs });
+                    }
+                }
+            }
+            Msg::AePush { jobs } => {
+                for (job, records) in jobs {
+                    self.merge(to, job, records);
+                }
+            }
+        }
+    }
+
+    fn merge(&mut self, to: u32, job: JobId, records: Vec<Record>) {
+        let check: Vec<mutual_core::Hlc> = records.iter().map(|r| r.hlc()).collect();
+        self.feed(to, Event::Remote { job, records }, Some(job));
+        // Invariant 8: whatever was merged is within the drift bound of local time.
+        let local = self.local(to, self.now);
+        let bound = self.cfg.max_drift_ms;
+        let Some(view) = self.nodes[to as usize]
+            .engine
+            .as_ref()
+            .and_then(|e| e.view(&job))
+        else {
+            return;
+        };
+        let bad = view
+            .records()
+            .map(|r| r.hlc())
+            .filter(|h| check.contains(h))
+            .find(|h| invariants::check_clock_bound(job, *h, local, bound).is_err());
+        if let Some(h) = bad
+            && let Err(v) = invariants::check_clock_bound(job, h, local, bound)
+        {
+            self.violate(v, Some(to));
+        }
+    }
+
+    fn all_done(&self) -> bool {
+        if self.jobs.iter().any(|j| j.id.is_none()) {
+            return false;
+        }
+        let live: Vec<&Engine> = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref())
+            .collect();
+        let Some(first) = live.first() else {
+            return true;
+        };
+        for info in &self.jobs {
+            let Some(id) = info.id else { return false };
+            let Some(v0) = first.view(&id) else {
+                return false;
+            };
+            let f0 = v0.fingerprint();
+            if !first.state(&id).is_some_and(|s| s.is_terminal()) {
+                return false;
+            }
+            for e in &live[1..] {
+                if e.is_passive() || e.view(&id).map(|v| v.fingerprint()) != Some(f0) {
+                    return false;
+                }
+                if !e.state(&id).is_some_and(|s| s.is_terminal()) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn finish(mut self) -> Summary {
+        let live: Vec<u32> = (0..self.nodes.len() as u32)
+            .filter(|&i| self.up(i))
+            .collect();
+        let mut succeeded = 0;
+        let mut failed = 0;
+        let mut cancelled = 0;
+        let mut duplicate_results = 0;
+        let mut two_successes = 0;
+        let mut duplicate_executions = 0;
+        let mut dup_same_epoch = 0;
+        let mut dup_after_success = 0;
+        let mut executions = 0;
+        let mut found: Vec<Violation> = Vec::new();
+        for info in &self.jobs {
+            executions += info.starts.len();
+            let Some(id) = info.id else {
+                found.push(Violation {
+                    invariant: Invariant::NoLostJob,
+                    job: None,
+                    detail: "never submitted".into(),
+                });
+                continue;
+            };
+            let views: Vec<&JobView> = live
+                .iter()
+                .filter_map(|&i| {
+                    self.nodes[i as usize]
+                        .engine
+                        .as_ref()
+                        .and_then(|e| e.view(&id))
+                })
+                .collect();
+            if views.len() != live.len() {
+                found.push(Violation {
+                    invariant: Invariant::Convergence,
+                    job: Some(id),
+                    detail: format!(
+                        "only {} of {} live nodes hold the job",
+                        views.len(),
+                        live.len()
+                    ),
+                });
+            }
+            let derived: Vec<_> = views.iter().map(|v| derive_state(v)).collect();
+            if let Err(v) = invariants::check_replicas(&views, &self.fenced_writes) {
+                found.push(v);
+            }
+            for (v, d) in views.iter().zip(&derived) {
+                if let Err(v) = invariants::check_no_epoch_gap(v, d) {
+                    found.push(v);
+                    break;
+                }
+            }
+            if let Some(v0) = views.first()
+                && views.iter().any(|v| v != v0)
+            {
+                found.push(Violation {
+                    invariant: Invariant::Convergence,
+                    job: Some(id),
+                    detail: "live replicas still differ after the liveness phase".into(),
+                });
+            }
+            let refs: Vec<&_> = derived.iter().collect();
+            if let Err(v) = invariants::check_one_accepted_result(id, &refs) {
+                duplicate_results += 1;
+                found.push(v);
+            }
+            if let Some(d) = derived.first() {
+                if let Err(v) = invariants::check_no_lost_job(id, &d.state) {
+                    found.push(v);
+                }
+                if std::env::var_os("MUTUAL_SIM_DEBUG").is_some()
+                    && !matches!(d.state, JobState::Succeeded { .. })
+                {
+                    eprintln!("job {id} {:?}", d.state);
+                    for r in views[0].records() {
+                        eprintln!("   {r:?}");
+                    }
+                }
+                match d.state {
+                    JobState::Succeeded { .. } => succeeded += 1,
+                    JobState::Failed { .. } => failed += 1,
+                    JobState::Cancelled => cancelled += 1,
+                    _ => {}
+                }
+                if let Some(v) = views.first() {
+                    let counted_successes = v
+                        .results
+                        .iter()
+                        .filter(|((e, n), r)| {
+                            r.outcome.success() && mutual_core::derive::result_counts(*e, *n, r)
+                        })
+                        .count();
+                    if counted_successes > 1 {
+                        two_successes += 1;
+                    }
+                }
+                // Duplicate executions: starts beyond one per epoch that was needed. Epochs
+                // after the accepted one were not needed at all.
+                let last_needed = match d.state {
+                    JobState::Succeeded { token } => token.epoch,
+                    _ => mutual_core::Epoch(u32::MAX),
+                };
+                let mut needed: BTreeSet<mutual_core::Epoch> = BTreeSet::new();
+                for (t, _) in &info.starts {
+                    if t.epoch <= last_needed {
+                        if !needed.insert(t.epoch) {
+                            dup_same_epoch += 1;
+                        }
+                    } else {
+                        dup_after_success += 1;
+                    }
+                }
+                duplicate_executions += info.starts.len() - needed.len();
+            }
+        }
+        for v in found {
+            self.violate(v, None);
+        }
+        let mut mttr = self.mttr_ms.clone();
+        mttr.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if mttr.is_empty() {
+                0
+            } else {
+                mttr[(((mttr.len() as f64) * p).ceil() as usize).clamp(1, mttr.len()) - 1]
+            }
+        };
+        let mut stats = self.dead_stats;
+        for n in &self.nodes {
+            if let Some(e) = &n.engine {
+                let s = e.stats();
+                stats.fenced_stops += s.fenced_stops;
+                stats.expiries += s.expiries;
+                stats.settle_losses += s.settle_losses;
+                stats.clock_rejections += s.clock_rejections;
+            }
+        }
+        let secs = (self.now.max(1) as f64) / 1_000.0;
+        let per_node =
+            |m: u64| ((m as f64) / secs / self.nodes.len() as f64 * 100.0).round() / 100.0;
+        Summary {
+            seed: self.cfg.seed,
+            nodes: self.cfg.nodes,
+            jobs: self.cfg.jobs,
+            violations: self.violation_count,
+            violation_details: self.violations.iter().map(|v| v.to_string()).collect(),
+            succeeded,
+            failed,
+            cancelled,
+            duplicate_results,
+            duplicate_executions,
+            duplicate_same_epoch: dup_same_epoch,
+            duplicate_after_success: dup_after_success,
+            jobs_with_two_valid_successes: two_successes,
+            executions,
+            fenced_stops: stats.fenced_stops,
+            expiries: stats.expiries,
+            settle_losses: stats.settle_losses,
+            clock_rejections: stats.clock_rejections,
+            killed_nodes: self.killed,
+            restarts: self.restarts,
+            takeovers: self.takeovers,
+            mttr_p50_ms: pct(0.50),
+            mttr_p95_ms: pct(0.95),
+            mttr_max_ms: mttr.last().copied().unwrap_or(0),
+            messages: self.messages,
+            messages_per_node_per_s: per_node(self.messages),
+            probe_messages_per_node_per_s: per_node(self.probe_messages),
+            events: self.events,
+            sim_time_ms: self.now,
+            liveness_done_ms: self.liveness_done_ms,
+            reproduce: self.cfg.repro_command(),
+        }
+    }
+}
+
+/// Runs one simulation.
+pub fn run(cfg: SimConfig) -> Summary {
+    Sim::new(cfg).run()
+}
