@@ -29,7 +29,7 @@ use std::sync::Arc;
 use crate::derive::{JobState, derive_state, restorable_checkpoint};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{JobId, NodeId};
-use crate::rank::claim_delay_ms;
+use crate::rank::{claim_delay_ms, estimated_rank, score};
 use crate::spec::{JobRequest, JobSpec, Resources, SpecError};
 use crate::token::{Epoch, FencingToken};
 use crate::view::{
@@ -64,6 +64,10 @@ pub struct EngineConfig {
     pub dead_holder_grace_ms: u64,
     /// When a slot frees, consider this many queued jobs for claiming.
     pub claim_window: usize,
+    /// When a job becomes queued, only nodes whose estimated rendezvous rank is below this
+    /// arm a claim timer; the others pick it up when they free a slot or at the next sweep.
+    /// This keeps the cost of a new job O(cutoff) per cluster instead of O(nodes).
+    pub claim_rank_cutoff: u64,
 }
 
 impl Default for EngineConfig {
@@ -83,6 +87,7 @@ impl Default for EngineConfig {
             sweep_interval_ms: 1_000,
             dead_holder_grace_ms: 2_000,
             claim_window: 16,
+            claim_rank_cutoff: 8,
         }
     }
 }
@@ -666,7 +671,9 @@ impl Engine {
         }
         match state {
             JobState::Queued { epoch } => {
-                if armed != Some(epoch) && pending.is_none() && idle && self.fits(&spec) {
+                let near = estimated_rank(score(job, epoch, self.me), self.cluster_size)
+                    < self.config.claim_rank_cutoff;
+                if near && armed != Some(epoch) && pending.is_none() && idle && self.fits(&spec) {
                     self.arm_claim(now_ms, job, epoch);
                 }
             }
@@ -787,21 +794,51 @@ impl Engine {
             }
             Timer::Sweep => {
                 if !self.passive {
-                    let due: Vec<NodeId> = self
-                        .down_since
-                        .iter()
-                        .filter(|(n, since)| {
-                            **since + self.config.dead_holder_grace_ms <= now_ms
-                                && self.held_by.contains_key(n)
-                        })
-                        .map(|(n, _)| *n)
-                        .collect();
-                    for node in due {
-                        self.expire_held_by(now_ms, node);
-                    }
+                    self.sweep(now_ms);
                     self.fill_slots(now_ms);
                 }
                 self.set_timer(now_ms + self.config.sweep_interval_ms, Timer::Sweep);
+            }
+        }
+    }
+
+    /// The backstop for holders judged dead by someone else whose watcher's expiry never
+    /// arrived. To avoid every node expiring the same epoch at once, only the nodes ranked
+    /// near the top for the job's next epoch act at first; the admitted rank doubles with
+    /// every further grace period, so the job is never stuck behind dead top-ranked nodes.
+    fn sweep(&mut self, now_ms: u64) {
+        let grace = self.config.dead_holder_grace_ms.max(1);
+        let due: Vec<(NodeId, u64)> = self
+            .down_since
+            .iter()
+            .filter(|(n, since)| **since + grace <= now_ms && self.held_by.contains_key(n))
+            .map(|(n, since)| (*n, (now_ms - *since) / grace))
+            .collect();
+        for (node, periods) in due {
+            let admitted = self
+                .config
+                .claim_rank_cutoff
+                .max(1)
+                .saturating_mul(1 << periods.min(16));
+            let jobs: Vec<JobId> = self
+                .held_by
+                .get(&node)
+                .map(|s| s.iter().copied().collect())
+                .unwrap_or_default();
+            for job in jobs {
+                let Some(token) = self
+                    .jobs
+                    .get(&job)
+                    .and_then(|e| e.state)
+                    .and_then(|s| s.holder())
+                else {
+                    continue;
+                };
+                let rank =
+                    estimated_rank(score(job, token.epoch.next(), self.me), self.cluster_size);
+                if token.node == node && rank < admitted {
+                    self.expire(now_ms, job, token, ExpiryReason::HolderDead);
+                }
             }
         }
     }

@@ -109,21 +109,27 @@ pub fn check_convergence(replicas: &[(&JobView, &Derived)]) -> Result<(), Violat
 /// 2. Each replica's winner of an epoch is the smallest claim it holds for that epoch, and
 /// replicas holding the same claims of an epoch agree on its winner.
 pub fn check_one_winner(replicas: &[(&JobView, &Derived)]) -> Result<(), Violation> {
+    let cross = replicas.len() > 1;
     let mut by_claims: BTreeMap<(Epoch, Vec<(NodeId, Hlc)>), FencingToken> = BTreeMap::new();
     for (view, derived) in replicas {
-        let mut epochs: BTreeMap<Epoch, Vec<(NodeId, Hlc)>> = BTreeMap::new();
-        for (&(e, n), &h) in &view.claims {
-            epochs.entry(e).or_default().push((n, h));
-        }
-        for (e, claims) in epochs {
-            let min = claims
-                .iter()
-                .map(|&(node, hlc)| FencingToken {
-                    epoch: e,
-                    hlc,
-                    node,
-                })
-                .min();
+        // Claims are sorted by (epoch, node): walk them epoch by epoch without allocating.
+        let mut claims = view.claims.iter().peekable();
+        while let Some(&(&(e, _), _)) = claims.peek() {
+            let mut min: Option<FencingToken> = None;
+            let mut group: Vec<(NodeId, Hlc)> = Vec::new();
+            while let Some((&(ce, n), &h)) = claims.peek().copied().filter(|((ce, _), _)| *ce == e)
+            {
+                let t = FencingToken {
+                    epoch: ce,
+                    hlc: h,
+                    node: n,
+                };
+                min = Some(min.map_or(t, |m| m.min(t)));
+                if cross {
+                    group.push((n, h));
+                }
+                claims.next();
+            }
             let reported = derived.winners.get(&e).copied();
             if reported != min {
                 return fail(
@@ -132,8 +138,8 @@ pub fn check_one_winner(replicas: &[(&JobView, &Derived)]) -> Result<(), Violati
                     format!("epoch {e}: reported winner {reported:?}, smallest claim {min:?}"),
                 );
             }
-            let Some(reported) = reported else { continue };
-            if let Some(other) = by_claims.insert((e, claims), reported)
+            if let (true, Some(reported)) = (cross, reported)
+                && let Some(other) = by_claims.insert((e, group), reported)
                 && other != reported
             {
                 return fail(
@@ -296,6 +302,10 @@ pub fn check_holder_stops(
     view: &JobView,
     running: impl IntoIterator<Item = FencingToken>,
 ) -> Result<(), Violation> {
+    let mut running = running.into_iter().peekable();
+    if running.peek().is_none() {
+        return Ok(());
+    }
     let state = derive_state(view).state;
     for token in running {
         if view.fences(&token) || view.is_expired(token.epoch) || state.is_terminal() {

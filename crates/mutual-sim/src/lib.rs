@@ -30,7 +30,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::rc::Rc;
 
 use mutual_core::derive::derive_state;
-use mutual_core::engine::{Command, Engine, EngineConfig, Event, Timer};
+use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
 use mutual_core::invariants::{self, Invariant, Violation};
 use mutual_core::rank::{WATCHERS, watch_targets};
 use mutual_core::view::{ExecMetrics, Outcome, Record};
@@ -49,7 +49,8 @@ const PASSIVE_FALLBACK_ROUNDS: u32 = 3;
 const REPROBE_EVERY_TICKS: u32 = 5;
 
 /// Everything that shapes a run. Every field is a flag of `mutual-sim`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
     /// Number of nodes.
     pub nodes: usize,
@@ -103,6 +104,17 @@ pub struct SimConfig {
     pub rank_step_ms: u64,
     /// Drift bound of the HLCs.
     pub max_drift_ms: u64,
+    /// Deliberately break the protocol, to show the checkers catch it.
+    pub buggify: Option<Buggify>,
+}
+
+/// Deliberate protocol violations, to show that the simulator's checkers catch them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Buggify {
+    /// A holder told to stop because it was fenced writes a successful result anyway, with
+    /// a `seen` set that hides the claims that fenced it (a lying, fenced writer).
+    RogueResults,
 }
 
 impl Default for SimConfig {
@@ -134,6 +146,7 @@ impl Default for SimConfig {
             settle_ms: 30,
             rank_step_ms: 2,
             max_drift_ms: 500,
+            buggify: None,
         }
     }
 }
@@ -176,6 +189,9 @@ impl SimConfig {
         flag!(settle_ms, "settle-ms");
         flag!(rank_step_ms, "rank-step-ms");
         flag!(max_drift_ms, "max-drift-ms");
+        if let Some(Buggify::RogueResults) = self.buggify {
+            s.push_str(" --buggify rogue-results");
+        }
         s
     }
 }
@@ -371,6 +387,29 @@ struct JobInfo {
     kill_ms: Option<u64>,
     killed_holder: Option<u32>,
     starts: Vec<(FencingToken, u32)>,
+}
+
+/// A named scenario from `fixtures/sim/scenarios.json`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Scenario {
+    /// Its name.
+    pub name: String,
+    /// The configuration (the seed is set per run).
+    #[serde(flatten)]
+    pub config: SimConfig,
+}
+
+/// Reads a scenario file (`{"scenarios": [...]}`).
+pub fn load_scenarios(text: &str) -> Result<Vec<Scenario>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        scenarios: Vec<Scenario>,
+    }
+    let mut v: serde_json::Value = serde_json::from_str(text)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("_comment");
+    }
+    Ok(serde_json::from_value::<File>(v)?.scenarios)
 }
 
 /// One simulation run.
@@ -840,6 +879,11 @@ impl Sim {
                     );
                 }
                 Command::Stop { job, token, reason } => {
+                    if self.cfg.buggify == Some(Buggify::RogueResults)
+                        && reason == StopReason::Fenced
+                    {
+                        self.rogue_result(i, job, token);
+                    }
                     self.exec_seq += 1;
                     let exec_id = self.exec_seq;
                     let inc = self.nodes[i as usize].inc;
@@ -882,6 +926,36 @@ impl Sim {
         for job in touched {
             self.check_step(i, job);
         }
+    }
+
+    /// `--buggify rogue-results`: write the result a fenced holder must never write.
+    fn rogue_result(&mut self, i: u32, job: JobId, token: FencingToken) {
+        let hlc = mutual_core::Hlc::from_millis(self.local(i, self.now));
+        let rec = mutual_core::view::ResultRec {
+            claim_hlc: token.hlc,
+            outcome: Outcome {
+                exit_code: 0,
+                timed_out: false,
+            },
+            outputs: None,
+            logs: None,
+            metrics: ExecMetrics::default(),
+            hlc,
+            seen: [token].into_iter().collect(),
+        };
+        let record = Record::Result {
+            epoch: token.epoch,
+            node: token.node,
+            rec: std::sync::Arc::new(rec),
+        };
+        self.fenced_writes.insert((token, None));
+        self.broadcast(
+            i,
+            Msg::Records {
+                job,
+                records: Rc::new(vec![record]),
+            },
+        );
     }
 
     fn log_fenced_write(&mut self, i: u32, job: JobId, token: FencingToken, seq: Option<u64>) {

@@ -104,6 +104,10 @@ struct Args {
     /// HLC drift bound (ms).
     #[arg(long)]
     max_drift_ms: Option<u64>,
+    /// Deliberately break the protocol to show the checkers catch it: `rogue-results` makes
+    /// fenced holders write results anyway (expect violations and exit code 1).
+    #[arg(long, value_parser = ["rogue-results"])]
+    buggify: Option<String>,
     /// Print the summary as JSON (one object per seed, one per line).
     #[arg(long)]
     json: bool,
@@ -142,6 +146,10 @@ impl Args {
             settle_ms: self.settle_ms.unwrap_or(d.settle_ms),
             rank_step_ms: self.rank_step_ms.unwrap_or(d.rank_step_ms),
             max_drift_ms: self.max_drift_ms.unwrap_or(d.max_drift_ms),
+            buggify: self
+                .buggify
+                .as_ref()
+                .map(|_| mutual_sim::Buggify::RogueResults),
         }
     }
 

@@ -1,0 +1,309 @@
+//! Engine micro-benchmarks: events handled per second on one core, `derive_state` time for
+//! jobs with 1 and 10 epochs, and the saved automerge document size of a finished job.
+//!
+//! `cargo run --release -p mutual-bench --bin engine` writes `bench/results/engine.json`.
+
+use std::collections::BTreeSet;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use mutual_bench::{command_line, machine, results_dir, today};
+use mutual_core::derive::derive_state;
+use mutual_core::doc::JobDoc;
+use mutual_core::engine::{Command, Engine, EngineConfig, Event, Timer};
+use mutual_core::view::{ExecMetrics, ExpiryReason, ExpiryRec, Outcome, Record, ResultRec};
+use mutual_core::{Epoch, FencingToken, Hlc, JobId, JobRequest, JobSpec, JobView, NodeId};
+use serde_json::json;
+
+const JOBS: usize = 20_000;
+const DERIVE_ITERS: u32 = 200_000;
+const T0_MS: u64 = 1_000_000_000;
+
+fn spec(id: JobId, submitter: NodeId) -> JobSpec {
+    JobRequest {
+        command: vec![
+            "python3".into(),
+            "train.py".into(),
+            "--epochs".into(),
+            "10".into(),
+        ],
+        ..Default::default()
+    }
+    .validate(id, Hlc::from_millis(T0_MS), submitter)
+    .expect("valid spec")
+}
+
+fn result(epoch: u32, node: NodeId, claim_ms: u64, seen: BTreeSet<FencingToken>) -> Arc<ResultRec> {
+    Arc::new(ResultRec {
+        claim_hlc: Hlc::from_millis(claim_ms),
+        outcome: Outcome {
+            exit_code: 0,
+            timed_out: false,
+        },
+        outputs: Some("a".repeat(64)),
+        logs: Some("b".repeat(64)),
+        metrics: ExecMetrics {
+            wall_ms: 31_000,
+            cpu_avg_millis: 950,
+            memory_peak_bytes: 1 << 30,
+            bytes_in: 1 << 20,
+            bytes_out: 1 << 20,
+        },
+        hlc: Hlc::from_millis(claim_ms + 31_000),
+        seen: seen.into_iter().filter(|t| t.epoch.0 >= epoch).collect(),
+    })
+}
+
+/// The records of a job that took `epochs` attempts: every epoch but the last has two
+/// concurrent claims and an expiry (holder judged dead); the last succeeds.
+fn finished_job(epochs: u32) -> (Arc<JobSpec>, Vec<Record>) {
+    let a = NodeId::from_index(1);
+    let b = NodeId::from_index(2);
+    let id = JobId([9; 16]);
+    let spec = Arc::new(spec(id, a));
+    let mut recs = vec![Record::Spec(spec.clone())];
+    let mut seen = BTreeSet::new();
+    for e in 1..=epochs {
+        let base = T0_MS + u64::from(e) * 1_000;
+        for (k, node) in [a, b].into_iter().enumerate() {
+            let hlc = Hlc::from_millis(base + k as u64);
+            recs.push(Record::Claim {
+                epoch: Epoch(e),
+                node,
+                hlc,
+            });
+            seen.insert(FencingToken {
+                epoch: Epoch(e),
+                hlc,
+                node,
+            });
+        }
+        recs.push(Record::Start {
+            epoch: Epoch(e),
+            node: a,
+            hlc: Hlc::from_millis(base + 30),
+        });
+        if e < epochs {
+            let rec = ExpiryRec {
+                hlc: Hlc::from_millis(base + 900),
+                reason: ExpiryReason::HolderDead,
+            };
+            recs.push(Record::Expiry {
+                epoch: Epoch(e),
+                observer: b,
+                rec,
+            });
+        } else {
+            recs.push(Record::Result {
+                epoch: Epoch(e),
+                node: a,
+                rec: result(e, a, base, seen.clone()),
+            });
+        }
+    }
+    (spec, recs)
+}
+
+fn derive_ns(epochs: u32) -> f64 {
+    let (_, recs) = finished_job(epochs);
+    let mut view = JobView::default();
+    for r in recs {
+        view.insert(r);
+    }
+    assert!(derive_state(&view).state.is_terminal());
+    let t = Instant::now();
+    for _ in 0..DERIVE_ITERS {
+        black_box(derive_state(black_box(&view)));
+    }
+    t.elapsed().as_nanos() as f64 / f64::from(DERIVE_ITERS)
+}
+
+fn doc_bytes(epochs: u32) -> Result<(usize, f64)> {
+    let (spec, recs) = finished_job(epochs);
+    let a = NodeId::from_index(1);
+    let t = Instant::now();
+    let mut doc = JobDoc::create(&spec, a)?;
+    let mut writes = 0u32;
+    for r in &recs[1..] {
+        doc.write(r)?;
+        writes += 1;
+    }
+    let per_write_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(writes.max(1));
+    let bytes = doc.save();
+    let back = JobDoc::load(&bytes, a)?.view()?;
+    let mut expect = JobView::default();
+    for r in recs {
+        expect.insert(r);
+    }
+    anyhow::ensure!(back == expect, "document round trip changed the records");
+    Ok((bytes.len(), per_write_us))
+}
+
+/// An observer node: every job is submitted, claimed twice, started and finished by others.
+fn observer_events_per_s() -> Result<f64> {
+    let me = NodeId::from_index(0);
+    let cfg = EngineConfig {
+        slots: 0,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(me, cfg, T0_MS);
+    let mut events: Vec<Event> = Vec::with_capacity(JOBS * 5);
+    let (a, b) = (NodeId::from_index(1), NodeId::from_index(2));
+    for j in 0..JOBS {
+        let mut idb = [0u8; 16];
+        idb[..8].copy_from_slice(&(j as u64).to_le_bytes());
+        let id = JobId(idb);
+        let base = T0_MS + j as u64;
+        let s = Arc::new(
+            JobRequest {
+                command: vec!["true".into()],
+                ..Default::default()
+            }
+            .validate(id, Hlc::from_millis(base), a)
+            .context("spec")?,
+        );
+        let ta = FencingToken {
+            epoch: Epoch(1),
+            hlc: Hlc::from_millis(base + 1),
+            node: a,
+        };
+        let tb = FencingToken {
+            epoch: Epoch(1),
+            hlc: Hlc::from_millis(base + 2),
+            node: b,
+        };
+        events.push(Event::Remote {
+            job: id,
+            records: vec![Record::Spec(s)],
+        });
+        events.push(Event::Remote {
+            job: id,
+            records: vec![Record::Claim {
+                epoch: Epoch(1),
+                node: a,
+                hlc: ta.hlc,
+            }],
+        });
+        events.push(Event::Remote {
+            job: id,
+            records: vec![Record::Claim {
+                epoch: Epoch(1),
+                node: b,
+                hlc: tb.hlc,
+            }],
+        });
+        events.push(Event::Remote {
+            job: id,
+            records: vec![Record::Start {
+                epoch: Epoch(1),
+                node: a,
+                hlc: Hlc::from_millis(base + 20),
+            }],
+        });
+        let seen: BTreeSet<FencingToken> = [ta, tb].into_iter().collect();
+        events.push(Event::Remote {
+            job: id,
+            records: vec![Record::Result {
+                epoch: Epoch(1),
+                node: a,
+                rec: result(1, a, base + 1, seen),
+            }],
+        });
+    }
+    let n = events.len();
+    let t = Instant::now();
+    for e in events {
+        black_box(engine.handle(T0_MS + 100_000, e)?);
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let done = engine
+        .views()
+        .filter(|(id, _)| engine.state(id).is_some_and(|s| s.is_terminal()))
+        .count();
+    anyhow::ensure!(done == JOBS, "observer finished {done} of {JOBS} jobs");
+    Ok(rate)
+}
+
+/// A holder node: submits each job itself, claims it, starts it, finishes it.
+fn holder_events_per_s() -> Result<f64> {
+    let me = NodeId::from_index(0);
+    let cfg = EngineConfig {
+        slots: 1,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(me, cfg, T0_MS);
+    let mut now = T0_MS;
+    let mut events = 0usize;
+    let t = Instant::now();
+    for _ in 0..JOBS {
+        now += 100;
+        let (id, cmds) = engine.submit(
+            now,
+            JobRequest {
+                command: vec!["true".into()],
+                ..Default::default()
+            },
+        )?;
+        let mut queue: Vec<Command> = cmds;
+        let mut started = None;
+        while let Some(c) = queue.pop() {
+            match c {
+                Command::SetTimer {
+                    at_ms,
+                    timer: timer @ (Timer::Claim { .. } | Timer::Settle { .. }),
+                } => {
+                    now = now.max(at_ms);
+                    events += 1;
+                    queue.extend(engine.handle(now, Event::Timer(timer))?);
+                }
+                Command::Start { token, .. } => started = Some(token),
+                _ => {}
+            }
+        }
+        let token = started.context("job did not start")?;
+        events += 1;
+        let fin = Event::ExecutionFinished {
+            job: id,
+            token,
+            outcome: Outcome {
+                exit_code: 0,
+                timed_out: false,
+            },
+            metrics: ExecMetrics::default(),
+            outputs: None,
+            logs: None,
+        };
+        black_box(engine.handle(now, fin)?);
+        events += 1; // the submit
+    }
+    Ok(events as f64 / t.elapsed().as_secs_f64())
+}
+
+fn main() -> Result<()> {
+    let observer = observer_events_per_s()?;
+    let holder = holder_events_per_s()?;
+    let d1 = derive_ns(1);
+    let d10 = derive_ns(10);
+    let (doc1, write_us) = doc_bytes(1)?;
+    let (doc10, _) = doc_bytes(10)?;
+    let out = json!({
+        "command": command_line(),
+        "date": today(),
+        "machine": machine(),
+        "engine_events_per_s_observer": observer.round(),
+        "engine_events_per_s_holder": holder.round(),
+        "derive_state_ns_1_epoch": d1.round(),
+        "derive_state_ns_10_epochs": d10.round(),
+        "finished_job_doc_bytes_1_epoch": doc1,
+        "finished_job_doc_bytes_10_epochs": doc10,
+        "automerge_write_us_per_record": (write_us * 10.0).round() / 10.0,
+        "notes": "One core, release build. Observer: a node that only replicates (spec, two concurrent claims, start, result per job). Holder: a node that submits, claims, settles, starts and finishes each job itself. Documents hold a 64-hex outputs and logs id and full metrics.",
+    });
+    let text = serde_json::to_string_pretty(&out)?;
+    println!("{text}");
+    std::fs::create_dir_all(results_dir())?;
+    std::fs::write(results_dir().join("engine.json"), text + "\n")?;
+    Ok(())
+}

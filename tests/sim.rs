@@ -1,0 +1,145 @@
+//! Whole-system simulations: many real engines over a faulty simulated network, checked by
+//! the invariant checkers after every step and at the end (see `docs/invariants.md`).
+
+use mutual_core::invariants::Invariant;
+use mutual_sim::{Buggify, SimConfig, Summary, load_scenarios, run};
+use mutual_tests::fixtures_dir;
+
+fn small(seed: u64) -> SimConfig {
+    SimConfig {
+        nodes: 30,
+        jobs: 150,
+        seed,
+        submit_window_ms: 4_000,
+        fault_ms: 8_000,
+        ..SimConfig::default()
+    }
+}
+
+fn assert_clean(s: &Summary) {
+    assert_eq!(
+        s.violations, 0,
+        "violations: {:#?}\nreproduce: {}",
+        s.violation_details, s.reproduce
+    );
+    assert_eq!(s.duplicate_results, 0, "{}", s.reproduce);
+    assert!(
+        s.liveness_done_ms.is_some(),
+        "liveness phase did not finish: {}",
+        s.reproduce
+    );
+    assert_eq!(
+        s.succeeded + s.failed + s.cancelled,
+        s.jobs,
+        "{}",
+        s.reproduce
+    );
+}
+
+#[test]
+fn same_seed_same_summary_byte_for_byte() {
+    let a = serde_json::to_string(&run(small(11))).expect("json");
+    let b = serde_json::to_string(&run(small(11))).expect("json");
+    assert_eq!(a, b);
+    let c = serde_json::to_string(&run(small(12))).expect("json");
+    assert_ne!(a, c, "a different seed should give a different run");
+}
+
+#[test]
+fn seeds_with_faults_have_no_violations_and_every_job_succeeds() {
+    for seed in 0..6 {
+        let s = run(small(seed));
+        assert_clean(&s);
+        // No execution fails in this workload, so every job must succeed, kills included.
+        assert_eq!(s.succeeded, s.jobs, "{}", s.reproduce);
+        assert!(s.killed_nodes > 0, "the default workload kills nodes");
+    }
+}
+
+#[test]
+fn without_faults_there_are_no_duplicate_executions() {
+    let cfg = SimConfig {
+        kill_percent: 0.0,
+        restart_percent: 0.0,
+        loss_percent: 0.0,
+        dup_percent: 0.0,
+        partitions: 0,
+        ..small(3)
+    };
+    let s = run(cfg);
+    assert_clean(&s);
+    assert_eq!(s.duplicate_executions, 0, "{s:#?}");
+    assert_eq!(s.executions, s.jobs);
+}
+
+#[test]
+fn killed_holders_are_taken_over() {
+    let cfg = SimConfig {
+        kill_percent: 30.0,
+        restart_percent: 0.0,
+        partitions: 0,
+        ..small(5)
+    };
+    let s = run(cfg);
+    assert_clean(&s);
+    assert!(s.takeovers > 0, "{s:#?}");
+    assert!(
+        s.mttr_p50_ms > 0 && s.mttr_p95_ms >= s.mttr_p50_ms,
+        "{s:#?}"
+    );
+    assert_eq!(s.succeeded, s.jobs);
+}
+
+#[test]
+fn every_fixture_scenario_is_clean() {
+    let text =
+        std::fs::read_to_string(fixtures_dir().join("sim/scenarios.json")).expect("scenarios");
+    let scenarios = load_scenarios(&text).expect("parse scenarios");
+    assert!(scenarios.len() >= 5);
+    for sc in scenarios {
+        let cfg = SimConfig {
+            seed: 1,
+            submit_window_ms: 4_000,
+            fault_ms: 8_000,
+            ..sc.config
+        };
+        let s = run(cfg);
+        assert_clean(&s);
+        if sc.name == "failures" {
+            assert!(s.failed > 0 || s.succeeded == s.jobs, "{}", sc.name);
+        } else {
+            assert_eq!(s.succeeded, s.jobs, "scenario {}: {}", sc.name, s.reproduce);
+        }
+    }
+}
+
+#[test]
+fn a_lying_fenced_holder_is_caught() {
+    // Show that the simulator's checkers can fail: fenced holders write results anyway.
+    let mut caught = 0;
+    for seed in 0..4 {
+        let cfg = SimConfig {
+            buggify: Some(Buggify::RogueResults),
+            ..small(seed)
+        };
+        let s = run(cfg);
+        if s.violations > 0 {
+            caught += 1;
+            assert!(
+                s.violation_details
+                    .iter()
+                    .any(|d| d.contains(&format!("{:?}", Invariant::Fencing))),
+                "{:#?}",
+                s.violation_details
+            );
+            assert!(s.reproduce.contains("--buggify rogue-results"));
+        }
+    }
+    assert!(caught > 0, "no seed exposed the rogue results");
+}
+
+#[test]
+fn bad_scenario_files_are_refused() {
+    assert!(load_scenarios(r#"{"scenarios":[{"name":"x","nodez":3}]}"#).is_err());
+    assert!(load_scenarios("not json").is_err());
+}
