@@ -35,7 +35,7 @@ fn spec(id: JobId, submitter: NodeId) -> JobSpec {
     .expect("valid spec")
 }
 
-fn result(epoch: u32, node: NodeId, claim_ms: u64, seen: BTreeSet<FencingToken>) -> Arc<ResultRec> {
+fn result(epoch: u32, claim_ms: u64, seen: BTreeSet<FencingToken>) -> Arc<ResultRec> {
     Arc::new(ResultRec {
         claim_hlc: Hlc::from_millis(claim_ms),
         outcome: Outcome {
@@ -99,7 +99,7 @@ fn finished_job(epochs: u32) -> (Arc<JobSpec>, Vec<Record>) {
             recs.push(Record::Result {
                 epoch: Epoch(e),
                 node: a,
-                rec: result(e, a, base, seen.clone()),
+                rec: result(e, base, seen.clone()),
             });
         }
     }
@@ -208,7 +208,7 @@ fn observer_events_per_s() -> Result<f64> {
             records: vec![Record::Result {
                 epoch: Epoch(1),
                 node: a,
-                rec: result(1, a, base + 1, seen),
+                rec: result(1, base + 1, seen),
             }],
         });
     }

@@ -265,11 +265,10 @@ impl JobDoc {
 
     /// The job id from the spec.
     pub fn job_id(&self) -> Result<JobId, DocError> {
-        Ok(self
-            .view()?
+        self.view()?
             .spec
             .map(|s| s.id)
-            .ok_or_else(|| DocError::Field("spec".into()))?)
+            .ok_or_else(|| DocError::Field("spec".into()))
     }
 }
 

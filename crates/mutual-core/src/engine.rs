@@ -298,6 +298,8 @@ struct Entry {
     queued_key: Option<QueueKey>,
     /// Node this job is indexed under in `held_by`.
     holder: Option<NodeId>,
+    /// Local time at which this replica first saw the current holder.
+    holder_since_ms: u64,
 }
 
 type QueueKey = (Reverse<i32>, Hlc, JobId);
@@ -558,6 +560,15 @@ impl Engine {
                 self.stats.clock_rejections += 1;
                 continue;
             }
+            // A node that wrote after we (or anyone) judged it dead is alive: forget the
+            // judgement, or the sweep would expire its every new claim.
+            let writer = r.writer();
+            if let Some(&since) = self.down_since.get(&writer)
+                && r.hlc().as_millis() > since + self.config.max_drift_ms
+            {
+                self.down_since.remove(&writer);
+                self.suspected.remove(&writer);
+            }
             let entry = self.jobs.entry(job).or_default();
             if let Record::Spec(s) = &r
                 && s.id != job
@@ -662,6 +673,7 @@ impl Engine {
             if let Some(h) = holder {
                 self.held_by.entry(h).or_default().insert(job);
                 entry.holder = Some(h);
+                entry.holder_since_ms = now_ms;
             }
         }
         let (armed, pending, idle) = (entry.armed, entry.pending, entry.exec.is_none());
@@ -812,31 +824,35 @@ impl Engine {
             .down_since
             .iter()
             .filter(|(n, since)| **since + grace <= now_ms && self.held_by.contains_key(n))
-            .map(|(n, since)| (*n, (now_ms - *since) / grace))
+            .map(|(n, since)| (*n, *since))
             .collect();
-        for (node, periods) in due {
-            let admitted = self
-                .config
-                .claim_rank_cutoff
-                .max(1)
-                .saturating_mul(1 << periods.min(16));
+        for (node, since) in due {
             let jobs: Vec<JobId> = self
                 .held_by
                 .get(&node)
                 .map(|s| s.iter().copied().collect())
                 .unwrap_or_default();
             for job in jobs {
-                let Some(token) = self
-                    .jobs
-                    .get(&job)
-                    .and_then(|e| e.state)
-                    .and_then(|s| s.holder())
-                else {
+                let Some(entry) = self.jobs.get(&job) else {
                     continue;
                 };
+                let Some(token) = entry.state.and_then(|s| s.holder()) else {
+                    continue;
+                };
+                // Count grace periods from when this holding and the judgement both existed.
+                let overdue_ms = now_ms.saturating_sub(since.max(entry.holder_since_ms));
+                if token.node != node || overdue_ms < grace {
+                    continue;
+                }
+                let periods = overdue_ms / grace - 1;
+                let admitted = self
+                    .config
+                    .claim_rank_cutoff
+                    .max(1)
+                    .saturating_mul(1 << periods.min(16));
                 let rank =
                     estimated_rank(score(job, token.epoch.next(), self.me), self.cluster_size);
-                if token.node == node && rank < admitted {
+                if rank < admitted {
                     self.expire(now_ms, job, token, ExpiryReason::HolderDead);
                 }
             }

@@ -81,7 +81,7 @@ fn job_of(view: &JobView) -> Option<JobId> {
     view.spec.as_ref().map(|s| s.id)
 }
 
-/// 1. Replicas holding the same records derive the same state. `replicas` pairs each view
+/// Invariant 1: Replicas holding the same records derive the same state. `replicas` pairs each view
 /// with the state its node reported (an engine's cached state, or a fresh derivation).
 pub fn check_convergence(replicas: &[(&JobView, &Derived)]) -> Result<(), Violation> {
     // Compare each replica with one representative per distinct record set: O(replicas ×
@@ -106,7 +106,7 @@ pub fn check_convergence(replicas: &[(&JobView, &Derived)]) -> Result<(), Violat
     Ok(())
 }
 
-/// 2. Each replica's winner of an epoch is the smallest claim it holds for that epoch, and
+/// Invariant 2: Each replica's winner of an epoch is the smallest claim it holds for that epoch, and
 /// replicas holding the same claims of an epoch agree on its winner.
 pub fn check_one_winner(replicas: &[(&JobView, &Derived)]) -> Result<(), Violation> {
     let cross = replicas.len() > 1;
@@ -161,7 +161,7 @@ pub fn check_one_winner(replicas: &[(&JobView, &Derived)]) -> Result<(), Violati
 /// written before, stays legitimately restorable.
 pub type FencedWrites = BTreeSet<(FencingToken, Option<u64>)>;
 
-/// 3. Records whose writer already knew it was fenced (the simulator logs these; a correct
+/// Invariant 3: Records whose writer already knew it was fenced (the simulator logs these; a correct
 /// engine never writes them) are never the job's accepted result or restorable checkpoint.
 pub fn check_fencing(
     view: &JobView,
@@ -191,7 +191,7 @@ pub fn check_fencing(
     Ok(())
 }
 
-/// 4. Winners' tokens strictly increase with the epoch; every claim is later (in HLC) than
+/// Invariant 4: Winners' tokens strictly increase with the epoch; every claim is later (in HLC) than
 /// the spec it claims; each node's own claims increase in HLC with the epoch. Holds on any
 /// partial replica. See [`check_no_epoch_gap`] for the part that needs a full merge.
 pub fn check_monotone_tokens(view: &JobView, derived: &Derived) -> Result<(), Violation> {
@@ -249,7 +249,7 @@ pub fn check_no_epoch_gap(view: &JobView, derived: &Derived) -> Result<(), Viola
     Ok(())
 }
 
-/// 5. After the liveness phase every job is terminal.
+/// Invariant 5: After the liveness phase every job is terminal.
 pub fn check_no_lost_job(job: JobId, state: &JobState) -> Result<(), Violation> {
     if state.is_terminal() {
         Ok(())
@@ -271,7 +271,7 @@ fn terminal_rank(s: &JobState) -> Option<u8> {
     }
 }
 
-/// 6. One replica's successive states of a job: once terminal, always terminal, and only
+/// Invariant 6: One replica's successive states of a job: once terminal, always terminal, and only
 /// moving up the precedence cancelled < failed < succeeded.
 pub fn check_terminal_transition(
     job: JobId,
@@ -296,7 +296,7 @@ pub fn check_terminal_transition(
     }
 }
 
-/// 7. No execution a node still runs (not being stopped) is fenced, expired or terminal in
+/// Invariant 7: No execution a node still runs (not being stopped) is fenced, expired or terminal in
 /// that node's own view.
 pub fn check_holder_stops(
     view: &JobView,
@@ -322,7 +322,7 @@ pub fn check_holder_stops(
     Ok(())
 }
 
-/// 8. A record merged at local physical time `local_ms` is at most `max_drift_ms` ahead.
+/// Invariant 8: A record merged at local physical time `local_ms` is at most `max_drift_ms` ahead.
 pub fn check_clock_bound(
     job: JobId,
     record_hlc: Hlc,
@@ -340,7 +340,7 @@ pub fn check_clock_bound(
     Ok(())
 }
 
-/// 9. After full merge all replicas accept the same result (or none).
+/// Invariant 9: After full merge all replicas accept the same result (or none).
 pub fn check_one_accepted_result(job: JobId, replicas: &[&Derived]) -> Result<(), Violation> {
     let mut tokens = replicas
         .iter()

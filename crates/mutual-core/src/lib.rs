@@ -12,6 +12,8 @@
 //! - [`rank`]: rendezvous ranking and the failure-detection ring.
 //! - [`invariants`]: one checker per invariant of `docs/invariants.md`.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod derive;
 pub mod doc;
 pub mod engine;

@@ -390,26 +390,51 @@ struct JobInfo {
 }
 
 /// A named scenario from `fixtures/sim/scenarios.json`.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Scenario {
     /// Its name.
     pub name: String,
     /// The configuration (the seed is set per run).
-    #[serde(flatten)]
     pub config: SimConfig,
 }
 
-/// Reads a scenario file (`{"scenarios": [...]}`).
-pub fn load_scenarios(text: &str) -> Result<Vec<Scenario>, serde_json::Error> {
-    #[derive(serde::Deserialize)]
-    struct File {
-        scenarios: Vec<Scenario>,
-    }
-    let mut v: serde_json::Value = serde_json::from_str(text)?;
-    if let Some(obj) = v.as_object_mut() {
-        obj.remove("_comment");
-    }
-    Ok(serde_json::from_value::<File>(v)?.scenarios)
+/// Why a scenario file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// Not JSON, or a field of the wrong type or unknown.
+    #[error("scenario file: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The file's shape is wrong.
+    #[error("scenario file: {0}")]
+    Shape(String),
+}
+
+/// Reads a scenario file (`{"scenarios": [{"name": ..., <SimConfig fields>}, ...]}`).
+/// Unknown fields are refused, so a misspelt knob cannot silently fall back to a default.
+pub fn load_scenarios(text: &str) -> Result<Vec<Scenario>, ScenarioError> {
+    let v: serde_json::Value = serde_json::from_str(text)?;
+    let list = v
+        .get("scenarios")
+        .and_then(|s| s.as_array())
+        .ok_or_else(|| {
+            ScenarioError::Shape("expected an object with a \"scenarios\" array".into())
+        })?;
+    list.iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let mut obj = item
+                .as_object()
+                .cloned()
+                .ok_or_else(|| ScenarioError::Shape(format!("scenarios[{i}] is not an object")))?;
+            let name = obj
+                .remove("name")
+                .and_then(|n| n.as_str().map(str::to_string))
+                .ok_or_else(|| ScenarioError::Shape(format!("scenarios[{i}] has no \"name\"")))?;
+            let config: SimConfig = serde_json::from_value(serde_json::Value::Object(obj))
+                .map_err(|e| ScenarioError::Shape(format!("scenario {name}: {e}")))?;
+            Ok(Scenario { name, config })
+        })
+        .collect()
 }
 
 /// One simulation run.
