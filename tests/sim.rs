@@ -143,3 +143,26 @@ fn bad_scenario_files_are_refused() {
     assert!(load_scenarios(r#"{"scenarios":[{"name":"x","nodez":3}]}"#).is_err());
     assert!(load_scenarios("not json").is_err());
 }
+
+#[test]
+fn real_automerge_documents_end_to_end() {
+    // Pushes carry automerge changes, anti-entropy carries saved documents, crashes keep
+    // the documents; at the end every live document must decode to its node's replica.
+    for seed in 0..2 {
+        let cfg = SimConfig {
+            nodes: 12,
+            jobs: 60,
+            automerge: true,
+            ..small(seed)
+        };
+        let a = run(cfg.clone());
+        assert_clean(&a);
+        assert_eq!(a.succeeded, a.jobs, "{}", a.reproduce);
+        assert!(a.reproduce.contains("--automerge"));
+        let b = run(cfg);
+        assert_eq!(
+            serde_json::to_string(&a).expect("json"),
+            serde_json::to_string(&b).expect("json")
+        );
+    }
+}

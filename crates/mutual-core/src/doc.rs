@@ -135,6 +135,36 @@ impl JobDoc {
         Ok(JobDoc { doc })
     }
 
+    /// A replica that has not seen the job yet: changes from peers are applied to it with
+    /// [`JobDoc::apply`]; it decodes once the creator's first change has arrived.
+    pub fn empty(actor: NodeId) -> JobDoc {
+        JobDoc {
+            doc: AutoCommit::new().with_actor(automerge::ActorId::from(&actor.0[..])),
+        }
+    }
+
+    /// Applies changes or a saved document from a peer. Changes whose dependencies have
+    /// not arrived yet are held by automerge until they do.
+    pub fn apply(&mut self, bytes: &[u8]) -> Result<(), DocError> {
+        if bytes.len() > MAX_DOC_BYTES {
+            return Err(DocError::TooLarge {
+                what: "bytes from a peer",
+                got: bytes.len(),
+                limit: MAX_DOC_BYTES,
+            });
+        }
+        self.doc.load_incremental(bytes)?;
+        Ok(())
+    }
+
+    /// The encoded last change this replica made (what [`JobDoc::create`] or
+    /// [`JobDoc::write`] just committed), to push to peers.
+    pub fn last_change(&mut self) -> Option<Vec<u8>> {
+        self.doc
+            .get_last_local_change()
+            .map(|c| c.raw_bytes().to_vec())
+    }
+
     /// Saves the whole document (compacted).
     pub fn save(&mut self) -> Vec<u8> {
         self.doc.save()

@@ -104,6 +104,10 @@ struct Args {
     /// HLC drift bound (ms).
     #[arg(long)]
     max_drift_ms: Option<u64>,
+    /// Replicate real automerge documents end to end instead of typed records (much
+    /// slower; for small clusters).
+    #[arg(long)]
+    automerge: bool,
     /// Deliberately break the protocol to show the checkers catch it: `rogue-results` makes
     /// fenced holders write results anyway (expect violations and exit code 1).
     #[arg(long, value_parser = ["rogue-results"])]
@@ -146,6 +150,7 @@ impl Args {
             settle_ms: self.settle_ms.unwrap_or(d.settle_ms),
             rank_step_ms: self.rank_step_ms.unwrap_or(d.rank_step_ms),
             max_drift_ms: self.max_drift_ms.unwrap_or(d.max_drift_ms),
+            automerge: self.automerge,
             buggify: self
                 .buggify
                 .as_ref()
