@@ -126,7 +126,12 @@ pub fn checkpoint_counts(epoch: Epoch, node: NodeId, rec: &CheckpointRec) -> boo
 
 /// The job's state as a pure function of its records (see the module docs).
 pub fn derive_state(view: &JobView) -> Derived {
-    let max_attempts = view.spec.as_ref().map_or(u32::MAX, |s| s.max_attempts);
+    // A spec decoded from a peer's document is not re-validated: never trust it to hold
+    // max_attempts >= 1 (0 would make every job "failed" before it ran).
+    let max_attempts = view
+        .spec
+        .as_ref()
+        .map_or(u32::MAX, |s| s.max_attempts.max(1));
 
     let mut winners: BTreeMap<Epoch, FencingToken> = BTreeMap::new();
     for (&(epoch, node), &hlc) in &view.claims {
@@ -174,8 +179,7 @@ pub fn derive_state(view: &JobView) -> Derived {
 
     let (state, accepted) = if let Some((token, rec)) = best_success {
         (JobState::Succeeded { token }, Some((token, rec.clone())))
-    } else if attempts_used >= max_attempts {
-        let (token, rec) = best_failure.expect("attempts_used > 0 implies a counted failure");
+    } else if let Some((token, rec)) = best_failure.filter(|_| attempts_used >= max_attempts) {
         (
             JobState::Failed { token: Some(token) },
             Some((token, rec.clone())),
@@ -233,4 +237,30 @@ pub fn restorable_checkpoint(view: &JobView) -> Option<(FencingToken, u64, &Chec
                 .then_with(|| b.0.cmp(&a.0))
                 .then_with(|| a.1.cmp(&b.1))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::ids::{JobId, NodeId};
+    use crate::view::Record;
+    use std::sync::Arc;
+
+    #[test]
+    fn hostile_spec_with_zero_attempts_does_not_panic() {
+        let mut spec = crate::spec::JobRequest {
+            command: vec!["x".into()],
+            ..Default::default()
+        }
+        .validate(JobId::default(), Hlc(1), NodeId::default())
+        .unwrap();
+        spec.max_attempts = 0;
+        let mut view = JobView::default();
+        view.insert(Record::Spec(Arc::new(spec)));
+        assert_eq!(
+            derive_state(&view).state,
+            JobState::Queued { epoch: Epoch(1) }
+        );
+    }
 }

@@ -37,6 +37,9 @@ use crate::view::{
     ResultRec,
 };
 
+/// Most queued jobs looked at when a slot frees (see `fill_slots`).
+pub const MAX_QUEUE_SCAN: usize = 1_024;
+
 /// Most records accepted in one [`Event::Remote`].
 pub const MAX_RECORDS_PER_EVENT: usize = 4_096;
 
@@ -761,28 +764,33 @@ impl Engine {
         if self.passive || self.free_slots == 0 {
             return;
         }
-        let candidates: Vec<JobId> = self
-            .queued
-            .iter()
-            .take(self.config.claim_window)
-            .map(|k| k.2)
-            .collect();
-        for job in candidates {
+        // Walk the queue in priority order and arm up to `claim_window` jobs this node can
+        // run. Jobs it cannot run (labels, GPUs, containers) are skipped, so they do not
+        // starve the ones behind them; the walk is bounded so a huge backlog stays cheap.
+        let mut armed = 0usize;
+        let mut candidates: Vec<(JobId, Epoch)> = Vec::new();
+        for key in self.queued.iter().take(MAX_QUEUE_SCAN) {
+            if armed >= self.config.claim_window {
+                break;
+            }
+            let job = key.2;
             let Some(entry) = self.jobs.get(&job) else {
                 continue;
             };
             let (Some(spec), Some(JobState::Queued { epoch })) =
-                (entry.view.spec.clone(), entry.state)
+                (entry.view.spec.as_ref(), entry.state)
             else {
                 continue;
             };
-            if entry.armed == Some(epoch)
-                || entry.pending.is_some()
-                || entry.exec.is_some()
-                || !self.fits(&spec)
-            {
+            if entry.pending.is_some() || entry.exec.is_some() || !self.fits(spec) {
                 continue;
             }
+            armed += 1;
+            if entry.armed != Some(epoch) {
+                candidates.push((job, epoch));
+            }
+        }
+        for (job, epoch) in candidates {
             self.arm_claim(now_ms, job, epoch);
         }
     }

@@ -178,6 +178,9 @@ impl Args {
                 bail!("{name} must be within 0..=100, got {p}");
             }
         }
+        if self.max_drift_ms.is_some_and(|d| d > 3_600_000) {
+            bail!("--max-drift-ms must be at most 3600000 (one hour)");
+        }
         if self.probe_interval_ms == Some(0) || self.ae_interval_ms == Some(0) {
             bail!("periods must be at least 1 ms");
         }
