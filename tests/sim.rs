@@ -166,3 +166,23 @@ fn real_automerge_documents_end_to_end() {
         );
     }
 }
+
+#[test]
+fn seeds_that_once_failed_stay_fixed() {
+    let text =
+        std::fs::read_to_string(fixtures_dir().join("sim/regressions.json")).expect("regressions");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    let list = v["regressions"].as_array().expect("array");
+    assert!(!list.is_empty());
+    for r in list {
+        let cfg = SimConfig {
+            seed: r["seed"].as_u64().expect("seed"),
+            nodes: r["nodes"].as_u64().expect("nodes") as usize,
+            jobs: r["jobs"].as_u64().expect("jobs") as usize,
+            ..SimConfig::default()
+        };
+        let s = run(cfg);
+        assert_clean(&s);
+        assert_eq!(s.succeeded, s.jobs, "{}: {}", s.reproduce, r["why"]);
+    }
+}

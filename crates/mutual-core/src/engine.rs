@@ -433,6 +433,17 @@ impl Engine {
         })
     }
 
+    /// Nodes this replica currently holds judged dead (by its own detector or anyone's),
+    /// with the local time of the judgement.
+    pub fn judged_down(&self) -> impl Iterator<Item = (NodeId, u64)> + '_ {
+        self.down_since.iter().map(|(n, t)| (*n, *t))
+    }
+
+    /// True iff this replica holds `node` judged dead.
+    pub fn is_judged_down(&self, node: &NodeId) -> bool {
+        self.down_since.contains_key(node)
+    }
+
     /// The hybrid logical clock's last timestamp.
     pub fn clock(&self) -> Hlc {
         self.clock.last()
@@ -572,12 +583,12 @@ impl Engine {
                 self.down_since.remove(&writer);
                 self.suspected.remove(&writer);
             }
-            let entry = self.jobs.entry(job).or_default();
             if let Record::Spec(s) = &r
                 && s.id != job
             {
                 continue;
             }
+            let entry = self.jobs.entry(job).or_default();
             match entry.view.insert(r) {
                 Inserted::New => changed = true,
                 Inserted::Conflict => {
@@ -740,12 +751,16 @@ impl Engine {
         self.reevaluate(now_ms, job);
     }
 
-    fn expire_held_by(&mut self, now_ms: u64, node: NodeId) {
-        let jobs: Vec<JobId> = self
-            .held_by
+    /// The jobs whose current holder, in this replica, is `node`.
+    fn jobs_held_by(&self, node: NodeId) -> Vec<JobId> {
+        self.held_by
             .get(&node)
             .map(|s| s.iter().copied().collect())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    fn expire_held_by(&mut self, now_ms: u64, node: NodeId) {
+        let jobs = self.jobs_held_by(node);
         for job in jobs {
             if let Some(token) = self
                 .jobs
@@ -835,11 +850,7 @@ impl Engine {
             .map(|(n, since)| (*n, *since))
             .collect();
         for (node, since) in due {
-            let jobs: Vec<JobId> = self
-                .held_by
-                .get(&node)
-                .map(|s| s.iter().copied().collect())
-                .unwrap_or_default();
+            let jobs = self.jobs_held_by(node);
             for job in jobs {
                 let Some(entry) = self.jobs.get(&job) else {
                     continue;

@@ -46,8 +46,13 @@ impl Hlc {
 }
 
 impl fmt::Debug for Hlc {
+    /// `<whole ms>ms+<NTP units past that ms>`: two timestamps in the same millisecond
+    /// print in their true order.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}ms+{}", self.as_millis(), self.0 & COUNTER_MASK)
+        let frac = self.0 & 0xffff_ffff;
+        let floor_ms = u64::from(NTP64(self.0).as_secs()) * 1_000 + ((frac * 1_000) >> 32);
+        let base = NTP64::from(Duration::from_millis(floor_ms)).as_u64() & PHYSICAL_MASK;
+        write!(f, "{floor_ms}ms+{}", self.0.wrapping_sub(base))
     }
 }
 

@@ -933,7 +933,6 @@ impl Sim {
                         x.exec_id = exec_id;
                         x.running = false;
                         // Fenced, cancelled or timed out: the process is killed either way.
-                        let _ = reason;
                         self.schedule(
                             self.now + 1,
                             Ev::ExecDone {
@@ -1313,6 +1312,7 @@ impl Sim {
         if !self.faults || !self.up(node) {
             return;
         }
+        self.trace(node, &format!("crash, restart after {restart_after_ms:?}"));
         let sn = &mut self.nodes[node as usize];
         let Some(engine) = sn.engine.take() else {
             return;
@@ -1362,6 +1362,10 @@ impl Sim {
             }
         }
         for t in judged {
+            self.trace(
+                t,
+                &format!("judged dead by watcher {:?}", self.nodes[i as usize].id),
+            );
             self.mark(i, t, false);
             let id = self.nodes[t as usize].id;
             self.feed(i, Event::Suspect(id), None);
@@ -1390,9 +1394,33 @@ impl Sim {
     }
 
     /// Updates node `i`'s membership view of `t`.
+    fn trace(&self, t: u32, what: &str) {
+        if let Ok(p) = std::env::var("MUTUAL_SIM_TRACE")
+            && self.nodes[t as usize].id.to_string().starts_with(&p)
+        {
+            eprintln!(
+                "trace t={} {:?}: {what}",
+                self.now, self.nodes[t as usize].id
+            );
+        }
+    }
+
     fn mark(&mut self, i: u32, t: u32, alive: bool) {
+        self.trace(
+            t,
+            &format!(
+                "node {:?} marks alive={alive} (was {})",
+                self.nodes[i as usize].id, self.nodes[i as usize].alive_view[t as usize]
+            ),
+        );
         let sn = &mut self.nodes[i as usize];
         if sn.alive_view[t as usize] == alive {
+            if !alive {
+                // The engine may have dropped an older judgement on evidence of life (a
+                // record written after it); a new judgement must reach it all the same.
+                let id = self.nodes[t as usize].id;
+                self.feed(i, Event::MemberDown(id), None);
+            }
             return;
         }
         sn.alive_view[t as usize] = alive;
@@ -1487,6 +1515,13 @@ impl Sim {
         if !self.up(to) {
             return;
         }
+        // Any message is evidence that its sender was alive when it sent it: a node that
+        // believed the sender dead (say, a Down during a partition whose Up was lost) takes
+        // it back, as the engine does for records written after a judgement. Otherwise the
+        // stale belief outlives the sender's real death, when a new Down changes nothing.
+        if from != to && !self.nodes[to as usize].alive_view[from as usize] {
+            self.mark(to, from, true);
+        }
         match msg {
             Msg::Records { job, payload } => self.receive(to, job, payload),
             Msg::Probe => self.send(to, from, Msg::Ack),
@@ -1567,7 +1602,26 @@ impl Sim {
 
     fn merge(&mut self, to: u32, job: JobId, records: Vec<Record>) {
         let check: Vec<mutual_core::Hlc> = records.iter().map(|r| r.hlc()).collect();
+        let mut writers: Vec<NodeId> = records.iter().map(|r| r.writer()).collect();
+        writers.sort();
+        writers.dedup();
         self.feed(to, Event::Remote { job, records }, Some(job));
+        // The engine drops a death judgement when it sees a record written after it
+        // (evidence of life). The detector must follow, or a node judged dead by mistake
+        // (say, across a partition) is never watched again and its real death later goes
+        // unnoticed: believe it alive again, so its watchers probe it afresh.
+        for w in writers {
+            let Some(&t) = self.index.get(&w) else {
+                continue;
+            };
+            let judged = self.nodes[to as usize]
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.is_judged_down(&w));
+            if !judged && !self.nodes[to as usize].alive_view[t as usize] {
+                self.mark(to, t, true);
+            }
+        }
         // Invariant 8: whatever was merged is within the drift bound of local time.
         let local = self.local(to, self.now);
         let bound = self.cfg.max_drift_ms;
@@ -1719,6 +1773,27 @@ impl Sim {
                     && !matches!(d.state, JobState::Succeeded { .. })
                 {
                     eprintln!("job {id} {:?}", d.state);
+                    if let Some(t) = d.state.holder() {
+                        let h = &self.nodes[self.index[&t.node] as usize];
+                        eprintln!(
+                            "   holder up={} killed={} inc={} running_here={:?}",
+                            h.engine.is_some(),
+                            h.killed,
+                            h.inc,
+                            h.execs.get(&id).map(|x| (x.token, x.running))
+                        );
+                        for &i in &live {
+                            let e = self.nodes[i as usize].engine.as_ref();
+                            let down = e.and_then(|e| e.judged_down().find(|(n, _)| *n == t.node));
+                            eprintln!(
+                                "   node {:?} sim_alive_view={} engine_down={:?} state={:?}",
+                                self.nodes[i as usize].id,
+                                self.nodes[i as usize].alive_view[self.index[&t.node] as usize],
+                                down,
+                                e.and_then(|e| e.state(&id))
+                            );
+                        }
+                    }
                     for r in views[0].records() {
                         eprintln!("   {r:?}");
                     }
