@@ -1,0 +1,301 @@
+//! Handler tests in the openraft manner: drive one engine through a scenario and assert the
+//! exact commands it emits at each step (timeouts, cancel, a holder judged dead, a fenced
+//! holder), so each engine rule has a direct, readable test.
+
+use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
+use mutual_core::view::{ExecMetrics, ExpiryReason, Outcome, Record};
+use mutual_core::{Epoch, FencingToken, Hlc, JobId, JobRequest, JobState, NodeId};
+
+const T0: u64 = 1_000_000_000;
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        settle_ms: 10,
+        rank_step_ms: 2,
+        slots: 2,
+        ..EngineConfig::default()
+    }
+}
+
+fn timers(cmds: &[Command]) -> Vec<(u64, Timer)> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::SetTimer { at_ms, timer } if !matches!(timer, Timer::Sweep) => {
+                Some((*at_ms, *timer))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn writes(cmds: &[Command]) -> Vec<&Record> {
+    cmds.iter()
+        .filter_map(|c| {
+            if let Command::Write { record, .. } = c {
+                Some(record)
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+/// Submits a job on a lone engine and runs its claim and settle timers: returns the engine,
+/// the job, its token and the time.
+fn started(req: JobRequest) -> (Engine, JobId, FencingToken, u64) {
+    let me = NodeId::from_index(1);
+    let mut e = Engine::new(me, cfg(), T0);
+    let (job, cmds) = e.submit(T0, req).expect("submit");
+    assert!(
+        matches!(writes(&cmds)[..], [Record::Spec(_)]),
+        "the spec is written first"
+    );
+    let (at, claim) = timers(&cmds)[0];
+    assert_eq!(
+        claim,
+        Timer::Claim {
+            job,
+            epoch: Epoch(1)
+        }
+    );
+    let cmds = e.handle(at, Event::Timer(claim)).expect("claim");
+    assert!(matches!(
+        writes(&cmds)[..],
+        [Record::Claim {
+            epoch: Epoch(1),
+            ..
+        }]
+    ));
+    let (at, settle) = timers(&cmds)[0];
+    assert_eq!(
+        settle,
+        Timer::Settle {
+            job,
+            epoch: Epoch(1)
+        }
+    );
+    let cmds = e.handle(at, Event::Timer(settle)).expect("settle");
+    let token = cmds
+        .iter()
+        .find_map(|c| {
+            if let Command::Start { token, .. } = c {
+                Some(*token)
+            } else {
+                None
+            }
+        })
+        .expect("a lone winner starts after the settle window");
+    assert!(matches!(
+        writes(&cmds)[..],
+        [Record::Start {
+            epoch: Epoch(1),
+            ..
+        }]
+    ));
+    assert_eq!(e.state(&job), Some(JobState::Running { token }));
+    (e, job, token, at)
+}
+
+fn finished(job: JobId, token: FencingToken, exit_code: i32) -> Event {
+    Event::ExecutionFinished {
+        job,
+        token,
+        outcome: Outcome {
+            exit_code,
+            timed_out: false,
+        },
+        metrics: ExecMetrics::default(),
+        outputs: None,
+        logs: None,
+    }
+}
+
+#[test]
+fn timeout_stops_then_records_a_timed_out_failure_and_retries() {
+    let req = JobRequest {
+        command: vec!["sleep".into(), "99".into()],
+        timeout_ms: Some(500),
+        max_attempts: Some(2),
+        ..Default::default()
+    };
+    let (mut e, job, token, at) = started(req);
+    // The settle handler armed the timeout.
+    let cmds = e
+        .handle(at + 500, Event::Timer(Timer::Timeout { job, token }))
+        .expect("timeout");
+    assert!(
+        matches!(
+            cmds[..],
+            [Command::Stop {
+                reason: StopReason::Timeout,
+                ..
+            }]
+        ),
+        "{cmds:?}"
+    );
+    let cmds = e
+        .handle(at + 501, finished(job, token, 137))
+        .expect("finished");
+    match writes(&cmds)[..] {
+        [
+            Record::Result { rec, .. },
+            Record::Expiry { rec: x, .. },
+            ..,
+        ] => {
+            assert!(rec.outcome.timed_out && !rec.outcome.success());
+            assert_eq!(x.reason, ExpiryReason::Failed);
+        }
+        ref other => panic!("expected result + expiry, got {other:?}"),
+    }
+    // One attempt used, one left: queued for epoch 2 and a new claim armed.
+    assert_eq!(e.state(&job), Some(JobState::Queued { epoch: Epoch(2) }));
+    assert!(timers(&cmds).iter().any(|(_, t)| *t
+        == Timer::Claim {
+            job,
+            epoch: Epoch(2)
+        }));
+}
+
+#[test]
+fn cancel_stops_the_execution_and_no_result_is_written() {
+    let (mut e, job, token, at) = started(JobRequest {
+        command: vec!["x".into()],
+        ..Default::default()
+    });
+    let cmds = e.handle(at + 5, Event::Cancel { job }).expect("cancel");
+    assert!(matches!(writes(&cmds)[..], [Record::Cancel { .. }]));
+    assert!(cmds.iter().any(
+        |c| matches!(c, Command::Stop { token: t, reason: StopReason::Terminal, .. } if *t == token)
+    ));
+    assert_eq!(e.state(&job), Some(JobState::Cancelled));
+    let cmds = e
+        .handle(at + 6, finished(job, token, 137))
+        .expect("finished");
+    assert!(
+        writes(&cmds).is_empty(),
+        "a stopped execution writes nothing: {cmds:?}"
+    );
+    // Cancelling again is not an error and writes nothing.
+    let cmds = e
+        .handle(at + 7, Event::Cancel { job })
+        .expect("cancel again");
+    assert!(writes(&cmds).is_empty());
+    assert!(
+        e.cancel(at + 8, JobId([1; 16])).is_err(),
+        "unknown jobs are refused"
+    );
+}
+
+#[test]
+fn a_holder_judged_dead_by_this_node_has_its_epoch_expired() {
+    let (holder, job, token, at) = started(JobRequest {
+        command: vec!["x".into()],
+        ..Default::default()
+    });
+    let mut observer = Engine::new(NodeId::from_index(2), cfg(), T0);
+    let records: Vec<Record> = holder.view(&job).expect("view").records().collect();
+    observer
+        .handle(at, Event::Remote { job, records })
+        .expect("replicate");
+    assert_eq!(observer.state(&job), Some(JobState::Running { token }));
+    // Someone else's judgement alone does not expire at once (the sweep does, later).
+    let cmds = observer
+        .handle(at + 1, Event::MemberDown(token.node))
+        .expect("down");
+    assert!(writes(&cmds).is_empty());
+    let cmds = observer
+        .handle(at + 2, Event::Suspect(token.node))
+        .expect("suspect");
+    assert!(
+        matches!(writes(&cmds)[..], [Record::Expiry { epoch: Epoch(1), rec, .. }, ..] if rec.reason == ExpiryReason::HolderDead),
+        "{cmds:?}"
+    );
+    assert_eq!(
+        observer.state(&job),
+        Some(JobState::Queued { epoch: Epoch(2) })
+    );
+}
+
+#[test]
+fn a_holder_that_learns_of_a_later_epoch_stops_at_once_and_writes_no_result() {
+    let (mut holder, job, token, at) = started(JobRequest {
+        command: vec!["x".into()],
+        ..Default::default()
+    });
+    let other = NodeId::from_index(9);
+    let later = vec![
+        Record::Expiry {
+            epoch: Epoch(1),
+            observer: other,
+            rec: mutual_core::view::ExpiryRec {
+                hlc: Hlc::from_millis(at + 1),
+                reason: ExpiryReason::HolderDead,
+            },
+        },
+        Record::Claim {
+            epoch: Epoch(2),
+            node: other,
+            hlc: Hlc::from_millis(at + 2),
+        },
+    ];
+    let cmds = holder
+        .handle(
+            at + 3,
+            Event::Remote {
+                job,
+                records: later,
+            },
+        )
+        .expect("merge");
+    assert!(
+        cmds.iter().any(|c| matches!(c, Command::Stop { token: t, reason: StopReason::Fenced, .. } if *t == token)),
+        "{cmds:?}"
+    );
+    let cmds = holder
+        .handle(at + 4, finished(job, token, 0))
+        .expect("finished");
+    assert!(
+        !writes(&cmds)
+            .iter()
+            .any(|r| matches!(r, Record::Result { .. })),
+        "a fenced holder never writes a result: {cmds:?}"
+    );
+}
+
+#[test]
+fn a_timestamp_beyond_the_drift_bound_is_not_merged() {
+    let mut e = Engine::new(
+        NodeId::from_index(3),
+        EngineConfig {
+            max_drift_ms: 100,
+            ..cfg()
+        },
+        T0,
+    );
+    let job = JobId([5; 16]);
+    let far = Record::Claim {
+        epoch: Epoch(1),
+        node: NodeId::from_index(4),
+        hlc: Hlc::from_millis(T0 + 10_000),
+    };
+    e.handle(
+        T0,
+        Event::Remote {
+            job,
+            records: vec![far.clone()],
+        },
+    )
+    .expect("handle");
+    assert!(e.view(&job).is_none_or(|v| !v.contains(&far)));
+    assert_eq!(e.stats().clock_rejections, 1);
+    // Once local time has caught up, the same record is accepted.
+    e.handle(
+        T0 + 9_950,
+        Event::Remote {
+            job,
+            records: vec![far.clone()],
+        },
+    )
+    .expect("handle");
+    assert!(e.view(&job).is_some_and(|v| v.contains(&far)));
+}
