@@ -120,17 +120,13 @@ fn derive_ns(epochs: u32) -> f64 {
     t.elapsed().as_nanos() as f64 / f64::from(DERIVE_ITERS)
 }
 
-fn doc_bytes(epochs: u32) -> Result<(usize, f64)> {
+fn doc_bytes(epochs: u32) -> Result<usize> {
     let (spec, recs) = finished_job(epochs);
     let a = NodeId::from_index(1);
-    let t = Instant::now();
     let mut doc = JobDoc::create(&spec, a)?;
-    let mut writes = 0u32;
     for r in &recs[1..] {
         doc.write(r)?;
-        writes += 1;
     }
-    let per_write_us = t.elapsed().as_secs_f64() * 1e6 / f64::from(writes.max(1));
     let bytes = doc.save();
     let back = JobDoc::load(&bytes, a)?.view()?;
     let mut expect = JobView::default();
@@ -138,7 +134,38 @@ fn doc_bytes(epochs: u32) -> Result<(usize, f64)> {
         expect.insert(r);
     }
     anyhow::ensure!(back == expect, "document round trip changed the records");
-    Ok((bytes.len(), per_write_us))
+    Ok(bytes.len())
+}
+
+/// Per-record cost of writing (one automerge change each, as a holder does) and of applying
+/// those changes on another replica (as every other node does), over many documents.
+fn doc_write_apply_us() -> Result<(f64, f64)> {
+    const DOCS: usize = 500;
+    let (spec, recs) = finished_job(10);
+    let (a, b) = (NodeId::from_index(1), NodeId::from_index(2));
+    let mut changes: Vec<Vec<Vec<u8>>> = Vec::with_capacity(DOCS);
+    let t = Instant::now();
+    for _ in 0..DOCS {
+        let mut doc = JobDoc::create(&spec, a)?;
+        let mut c = vec![doc.last_change().context("create change")?];
+        for r in &recs[1..] {
+            doc.write(r)?;
+            c.push(doc.last_change().context("change")?);
+        }
+        changes.push(c);
+    }
+    let n = (DOCS * recs.len()) as f64;
+    let write_us = t.elapsed().as_secs_f64() * 1e6 / n;
+    let t = Instant::now();
+    for c in &changes {
+        let mut doc = JobDoc::empty(b);
+        for bytes in c {
+            doc.apply(bytes)?;
+        }
+        black_box(&doc);
+    }
+    let apply_us = t.elapsed().as_secs_f64() * 1e6 / n;
+    Ok((write_us, apply_us))
 }
 
 /// An observer node: every job is submitted, claimed twice, started and finished by others.
@@ -286,8 +313,9 @@ fn main() -> Result<()> {
     let holder = holder_events_per_s()?;
     let d1 = derive_ns(1);
     let d10 = derive_ns(10);
-    let (doc1, write_us) = doc_bytes(1)?;
-    let (doc10, _) = doc_bytes(10)?;
+    let doc1 = doc_bytes(1)?;
+    let doc10 = doc_bytes(10)?;
+    let (write_us, apply_us) = doc_write_apply_us()?;
     let out = json!({
         "command": command_line(),
         "date": today(),
@@ -299,7 +327,8 @@ fn main() -> Result<()> {
         "finished_job_doc_bytes_1_epoch": doc1,
         "finished_job_doc_bytes_10_epochs": doc10,
         "automerge_write_us_per_record": (write_us * 10.0).round() / 10.0,
-        "notes": "One core, release build. Observer: a node that only replicates (spec, two concurrent claims, start, result per job). Holder: a node that submits, claims, settles, starts and finishes each job itself. Documents hold a 64-hex outputs and logs id and full metrics.",
+        "automerge_apply_us_per_record": (apply_us * 10.0).round() / 10.0,
+        "notes": "One core, release build. Observer: a node that only replicates (spec, two concurrent claims, start, result per job). Holder: a node that submits, claims, settles, starts and finishes each job itself. Documents hold a 64-hex outputs and logs id and full metrics. Automerge costs are per record over 500 documents of a 10-epoch job: write = one change committed by the holder (the spec's creation included); apply = the same changes applied one by one on another replica.",
     });
     let text = serde_json::to_string_pretty(&out)?;
     println!("{text}");
