@@ -10,6 +10,7 @@
 //! - [`derive`]: `derive_state`, the job's state as a pure function of its records.
 //! - [`engine`]: the per-node claim engine (`handle(now, event) -> commands`).
 //! - [`rank`]: rendezvous ranking and the failure-detection ring.
+//! - [`membership`]: the failure detector's decisions (whom to probe, who is judged dead).
 //! - [`invariants`]: one checker per invariant of `docs/invariants.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -20,6 +21,7 @@ pub mod engine;
 pub mod hlc;
 pub mod ids;
 pub mod invariants;
+pub mod membership;
 pub mod rank;
 pub mod spec;
 pub mod token;

@@ -12,8 +12,8 @@
 //!   the engines see only local time. Timers are converted back to global time.
 //! - **Crashes**: killed nodes stop for good; crashed nodes restart later from their durable
 //!   state (their replica), losing their executions, timers and membership view.
-//! - **Failure detection**: each node probes the [`WATCHERS`] ring successors it believes
-//!   alive ([`mutual_core::rank::watch_targets`]); silence past the timeout makes it
+//! - **Failure detection**: each node probes the `WATCHERS` ring successors it believes
+//!   alive ([`mutual_core::membership::Detector`], shared with `mutual node`); silence past the timeout makes it
 //!   [`Event::Suspect`] the node and tell everyone. A node told it is dead refutes it.
 //! - **Replication**: every record written is pushed to every node; periodic anti-entropy
 //!   compares per-job fingerprints with a random peer and exchanges the differing jobs.
@@ -32,7 +32,7 @@ use std::rc::Rc;
 use mutual_core::derive::derive_state;
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
 use mutual_core::invariants::{self, Invariant, Violation};
-use mutual_core::rank::{WATCHERS, watch_targets};
+use mutual_core::membership::Detector;
 use mutual_core::view::{ExecMetrics, Outcome, Record};
 use mutual_core::{FencingToken, JobId, JobRequest, JobState, JobView, NodeId, Resources};
 use rand::{Rng, SeedableRng};
@@ -389,9 +389,8 @@ struct SimNode {
     inc: u32,
     offset_ms: i64,
     drift_ppm: i64,
-    alive_view: Vec<bool>,
-    alive_count: usize,
-    targets: Vec<(u32, u64)>,
+    /// The node's failure detector (its beliefs about the others).
+    det: Detector,
     passive_rounds: u32,
     execs: HashMap<JobId, RunningExec>,
     killed: bool,
@@ -464,7 +463,7 @@ pub struct Sim {
     seq: u64,
     queue: BinaryHeap<Scheduled>,
     nodes: Vec<SimNode>,
-    ring: Vec<NodeId>,
+    ring: std::sync::Arc<[NodeId]>,
     index: HashMap<NodeId, u32>,
     jobs: Vec<JobInfo>,
     job_index: HashMap<JobId, usize>,
@@ -485,6 +484,7 @@ pub struct Sim {
     liveness_done_ms: Option<u64>,
     finished: bool,
     dead_stats: mutual_core::engine::EngineStats,
+    trace_prefix: Option<String>,
 }
 
 fn term_rank(s: &JobState) -> u8 {
@@ -503,6 +503,7 @@ impl Sim {
         let n = cfg.nodes.max(1);
         let mut ring: Vec<NodeId> = (0..n as u64).map(NodeId::from_index).collect();
         ring.sort();
+        let ring: std::sync::Arc<[NodeId]> = ring.into();
         let index: HashMap<NodeId, u32> = ring
             .iter()
             .enumerate()
@@ -512,7 +513,8 @@ impl Sim {
         let drift = cfg.drift_ppm as i64;
         let nodes = ring
             .iter()
-            .map(|&id| SimNode {
+            .enumerate()
+            .map(|(pos, &id)| SimNode {
                 id,
                 engine: None,
                 durable: Vec::new(),
@@ -527,9 +529,7 @@ impl Sim {
                 } else {
                     0
                 },
-                alive_view: vec![true; n],
-                alive_count: n,
-                targets: Vec::new(),
+                det: Detector::new(pos, ring.clone(), cfg.fd_timeout_ms, 0),
                 passive_rounds: 0,
                 execs: HashMap::new(),
                 killed: false,
@@ -574,6 +574,7 @@ impl Sim {
             liveness_done_ms: None,
             finished: false,
             dead_stats: mutual_core::engine::EngineStats::default(),
+            trace_prefix: std::env::var("MUTUAL_SIM_TRACE").ok(),
         }
     }
 
@@ -782,7 +783,7 @@ impl Sim {
             None => (Engine::new(id, cfg, local), Vec::new()),
             Some(v) => Engine::restart(id, cfg, v, local),
         };
-        let alive = self.nodes[i as usize].alive_count;
+        let alive = self.nodes[i as usize].det.alive_count();
         // The first handle() also returns what Engine::new queued (its sweep timer).
         let more = engine
             .handle(local, Event::ClusterSize(alive))
@@ -793,7 +794,6 @@ impl Sim {
         let inc = node.inc;
         self.exec_cmds(i, cmds);
         self.exec_cmds(i, more);
-        self.retarget(i);
         let jitter = self.rng.random_range(0..self.cfg.probe_interval_ms.max(1));
         self.schedule(self.now + jitter, Ev::ProbeTick { node: i, inc });
         let jitter = self.rng.random_range(0..self.cfg.ae_interval_ms.max(1));
@@ -807,27 +807,6 @@ impl Sim {
             jitter
         };
         self.schedule(self.now + first_ae, Ev::AeTick { node: i, inc });
-    }
-
-    fn retarget(&mut self, i: u32) {
-        let node = &self.nodes[i as usize];
-        let alive = &node.alive_view;
-        let index = &self.index;
-        let new = watch_targets(node.id, &self.ring, WATCHERS, |n| alive[index[n] as usize]);
-        let now = self.now;
-        let old = std::mem::take(&mut self.nodes[i as usize].targets);
-        self.nodes[i as usize].targets = new
-            .into_iter()
-            .map(|id| {
-                let t = self.index[&id];
-                (
-                    t,
-                    old.iter()
-                        .find(|(o, _)| *o == t)
-                        .map_or(now, |(_, last)| *last),
-                )
-            })
-            .collect();
     }
 
     fn up(&self, i: u32) -> bool {
@@ -1240,10 +1219,13 @@ impl Sim {
                         .filter_map(|d| d.view().ok())
                         .collect();
                 }
-                let n = self.nodes.len();
-                let sn = &mut self.nodes[node as usize];
-                sn.alive_view = vec![true; n];
-                sn.alive_count = n;
+                let det = Detector::new(
+                    node as usize,
+                    self.ring.clone(),
+                    self.cfg.fd_timeout_ms,
+                    self.now,
+                );
+                self.nodes[node as usize].det = det;
                 self.boot(node, Some(views));
                 self.broadcast(node, Msg::Up(node));
             }
@@ -1326,7 +1308,6 @@ impl Sim {
         let sn = &mut self.nodes[node as usize];
         sn.inc += 1;
         let execs: Vec<(JobId, bool)> = sn.execs.drain().map(|(j, x)| (j, x.running)).collect();
-        sn.targets.clear();
         for (job, running) in execs {
             if running && let Some(&jx) = self.job_index.get(&job) {
                 let info = &mut self.jobs[jx];
@@ -1352,16 +1333,12 @@ impl Sim {
         if !self.up(i) || self.nodes[i as usize].inc != inc {
             return;
         }
-        let targets = self.nodes[i as usize].targets.clone();
-        let mut judged = Vec::new();
-        for (t, last) in targets {
-            if self.now.saturating_sub(last) > self.cfg.fd_timeout_ms {
-                judged.push(t);
-            } else {
-                self.send(i, t, Msg::Probe);
-            }
+        let tick = self.nodes[i as usize].det.tick(self.now);
+        for t in tick.probe {
+            self.send(i, t as u32, Msg::Probe);
         }
-        for t in judged {
+        for t in tick.judged {
+            let t = t as u32;
             self.trace(
                 t,
                 &format!("judged dead by watcher {:?}", self.nodes[i as usize].id),
@@ -1375,16 +1352,8 @@ impl Sim {
         // live target: a false suspicion whose refutation was lost (e.g. in a partition)
         // must not last for ever.
         if self.rng.random_ratio(1, REPROBE_EVERY_TICKS) {
-            let n = self.nodes.len() as u32;
-            let mut k = (i + 1) % n;
-            let mut live_seen = 0;
-            while k != i && live_seen < WATCHERS {
-                if self.nodes[i as usize].alive_view[k as usize] {
-                    live_seen += 1;
-                } else {
-                    self.send(i, k, Msg::Probe);
-                }
-                k = (k + 1) % n;
+            for k in self.nodes[i as usize].det.reprobe() {
+                self.send(i, k as u32, Msg::Probe);
             }
         }
         self.schedule(
@@ -1394,9 +1363,14 @@ impl Sim {
     }
 
     /// Updates node `i`'s membership view of `t`.
+    /// Debugging aid: with `MUTUAL_SIM_TRACE=<node id prefix>`, prints what happens to that
+    /// node's membership on stderr (never on stdout, so summaries stay deterministic).
     fn trace(&self, t: u32, what: &str) {
-        if let Ok(p) = std::env::var("MUTUAL_SIM_TRACE")
-            && self.nodes[t as usize].id.to_string().starts_with(&p)
+        if let Some(p) = &self.trace_prefix
+            && self.nodes[t as usize]
+                .id
+                .to_string()
+                .starts_with(p.as_str())
         {
             eprintln!(
                 "trace t={} {:?}: {what}",
@@ -1406,31 +1380,24 @@ impl Sim {
     }
 
     fn mark(&mut self, i: u32, t: u32, alive: bool) {
+        let was = self.nodes[i as usize].det.is_alive(t as usize);
         self.trace(
             t,
             &format!(
-                "node {:?} marks alive={alive} (was {})",
-                self.nodes[i as usize].id, self.nodes[i as usize].alive_view[t as usize]
+                "node {:?} marks alive={alive} (was {was})",
+                self.nodes[i as usize].id
             ),
         );
-        let sn = &mut self.nodes[i as usize];
-        if sn.alive_view[t as usize] == alive {
+        let id = self.nodes[t as usize].id;
+        if !self.nodes[i as usize].det.set(t as usize, alive, self.now) {
             if !alive {
                 // The engine may have dropped an older judgement on evidence of life (a
                 // record written after it); a new judgement must reach it all the same.
-                let id = self.nodes[t as usize].id;
                 self.feed(i, Event::MemberDown(id), None);
             }
             return;
         }
-        sn.alive_view[t as usize] = alive;
-        if alive {
-            sn.alive_count += 1;
-        } else {
-            sn.alive_count -= 1;
-        }
-        let count = sn.alive_count;
-        let id = self.nodes[t as usize].id;
+        let count = self.nodes[i as usize].det.alive_count();
         let ev = if alive {
             Event::MemberUp(id)
         } else {
@@ -1438,7 +1405,6 @@ impl Sim {
         };
         self.feed(i, ev, None);
         self.feed(i, Event::ClusterSize(count), None);
-        self.retarget(i);
     }
 
     fn digest(&self, i: u32) -> Vec<(JobId, u64)> {
@@ -1467,7 +1433,7 @@ impl Sim {
         if n > 1 {
             for _ in 0..8 {
                 let j = self.rng.random_range(0..n);
-                if j != i && self.nodes[i as usize].alive_view[j as usize] {
+                if j != i && self.nodes[i as usize].det.is_alive(j as usize) {
                     let d = Rc::new(self.digest(i));
                     self.send(i, j, Msg::AeDigest(d));
                     break;
@@ -1519,7 +1485,7 @@ impl Sim {
         // believed the sender dead (say, a Down during a partition whose Up was lost) takes
         // it back, as the engine does for records written after a judgement. Otherwise the
         // stale belief outlives the sender's real death, when a new Down changes nothing.
-        if from != to && !self.nodes[to as usize].alive_view[from as usize] {
+        if from != to && !self.nodes[to as usize].det.is_alive(from as usize) {
             self.mark(to, from, true);
         }
         match msg {
@@ -1527,18 +1493,12 @@ impl Sim {
             Msg::Probe => self.send(to, from, Msg::Ack),
             Msg::Ack => {
                 let now = self.now;
-                if !self.nodes[to as usize].alive_view[from as usize] {
+                if !self.nodes[to as usize].det.is_alive(from as usize) {
                     // A node we believed dead answered: it is alive after all.
                     self.mark(to, from, true);
                     self.broadcast(to, Msg::Up(from));
                 }
-                if let Some(t) = self.nodes[to as usize]
-                    .targets
-                    .iter_mut()
-                    .find(|(t, _)| *t == from)
-                {
-                    t.1 = now;
-                }
+                self.nodes[to as usize].det.answered(from as usize, now);
             }
             Msg::Down(x) => {
                 if x == to {
@@ -1618,7 +1578,7 @@ impl Sim {
                 .engine
                 .as_ref()
                 .is_some_and(|e| e.is_judged_down(&w));
-            if !judged && !self.nodes[to as usize].alive_view[t as usize] {
+            if !judged && !self.nodes[to as usize].det.is_alive(t as usize) {
                 self.mark(to, t, true);
             }
         }
@@ -1788,7 +1748,9 @@ impl Sim {
                             eprintln!(
                                 "   node {:?} sim_alive_view={} engine_down={:?} state={:?}",
                                 self.nodes[i as usize].id,
-                                self.nodes[i as usize].alive_view[self.index[&t.node] as usize],
+                                self.nodes[i as usize]
+                                    .det
+                                    .is_alive(self.index[&t.node] as usize),
                                 down,
                                 e.and_then(|e| e.state(&id))
                             );

@@ -1,0 +1,219 @@
+//! The failure detector's decisions, sans IO: whom to probe, when a silent node is judged
+//! dead, and how beliefs about other nodes change.
+//!
+//! Each node watches only the first [`WATCHERS`] nodes after it on a ring ordered by node id
+//! that it believes alive, so per-node detection traffic is constant in the cluster size
+//! (`design.md` §5). A watched node silent for `timeout_ms` is judged dead; the driver then
+//! tells the engine ([`crate::engine::Event::Suspect`]) and everyone else. When a watched
+//! node is judged dead the watcher moves on to the next one, so a run of dead neighbours is
+//! found one hop at a time.
+//!
+//! Beliefs are corrected by evidence: any message from a node believed dead, an answer to a
+//! re-probe, or a record it wrote after the judgement (the engine drops its judgement then,
+//! and the driver must follow, or a node judged dead by mistake — say across a partition — is
+//! never watched again and its real death later goes unnoticed; the simulator found this).
+//! Nodes believed dead between this node and its last live target are re-probed now and
+//! then, for the same reason.
+//!
+//! Nodes are addressed by their position on the ring (a shared, sorted list of ids), so a
+//! thousand detectors in one simulation share one ring and keep only a bit per node.
+
+use std::sync::Arc;
+
+use crate::ids::NodeId;
+use crate::rank::WATCHERS;
+
+/// One node's failure detector.
+#[derive(Debug, Clone)]
+pub struct Detector {
+    me: usize,
+    ring: Arc<[NodeId]>,
+    alive: Vec<bool>,
+    alive_count: usize,
+    /// Watched nodes (ring positions) with the local time of their last answer.
+    targets: Vec<(usize, u64)>,
+    timeout_ms: u64,
+}
+
+/// What one probe period asks of the driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tick {
+    /// Ring positions to probe now, in order.
+    pub probe: Vec<usize>,
+    /// Watched nodes silent past the timeout: judged dead by this node now.
+    pub judged: Vec<usize>,
+}
+
+impl Detector {
+    /// A detector for the node at ring position `me` that believes everyone alive.
+    /// `ring` must be sorted by node id.
+    pub fn new(me: usize, ring: Arc<[NodeId]>, timeout_ms: u64, now_ms: u64) -> Detector {
+        let n = ring.len();
+        let mut d = Detector {
+            me,
+            ring,
+            alive: vec![true; n],
+            alive_count: n,
+            targets: Vec::new(),
+            timeout_ms,
+        };
+        d.retarget(now_ms);
+        d
+    }
+
+    /// The ring (sorted node ids).
+    pub fn ring(&self) -> &Arc<[NodeId]> {
+        &self.ring
+    }
+
+    /// True iff this node believes the node at `pos` alive.
+    pub fn is_alive(&self, pos: usize) -> bool {
+        self.alive.get(pos).copied().unwrap_or(false)
+    }
+
+    /// How many nodes (this one included) it believes alive.
+    pub fn alive_count(&self) -> usize {
+        self.alive_count
+    }
+
+    /// The nodes it watches, by ring position.
+    pub fn targets(&self) -> impl Iterator<Item = usize> + '_ {
+        self.targets.iter().map(|(t, _)| *t)
+    }
+
+    fn retarget(&mut self, now_ms: u64) {
+        // The first WATCHERS nodes after this one on the ring believed alive, wrapping
+        // around: `rank::watch_targets`, walked by position so no id is looked up.
+        let n = self.ring.len();
+        let mut new = Vec::with_capacity(WATCHERS);
+        let mut k = (self.me + 1) % n.max(1);
+        while k != self.me && new.len() < WATCHERS {
+            if self.alive[k] {
+                new.push(k);
+            }
+            k = (k + 1) % n;
+        }
+        let old = std::mem::take(&mut self.targets);
+        self.targets = new
+            .into_iter()
+            .map(|t| {
+                (
+                    t,
+                    old.iter()
+                        .find(|(o, _)| *o == t)
+                        .map_or(now_ms, |(_, last)| *last),
+                )
+            })
+            .collect();
+    }
+
+    /// One probe period: which watched nodes to probe, and which have been silent too long.
+    /// Judged nodes are *not* marked dead here: the driver calls [`Detector::set`], which
+    /// also picks the next node to watch.
+    pub fn tick(&self, now_ms: u64) -> Tick {
+        let mut tick = Tick::default();
+        for &(t, last) in &self.targets {
+            if now_ms.saturating_sub(last) > self.timeout_ms {
+                tick.judged.push(t);
+            } else {
+                tick.probe.push(t);
+            }
+        }
+        tick
+    }
+
+    /// Nodes believed dead between this node and its last live target, to re-probe.
+    pub fn reprobe(&self) -> Vec<usize> {
+        let n = self.ring.len();
+        let mut out = Vec::new();
+        let mut k = (self.me + 1) % n.max(1);
+        let mut live_seen = 0;
+        while k != self.me && live_seen < WATCHERS {
+            if self.alive[k] {
+                live_seen += 1;
+            } else {
+                out.push(k);
+            }
+            k = (k + 1) % n;
+        }
+        out
+    }
+
+    /// Records an answer from `pos` (to a probe or a re-probe).
+    pub fn answered(&mut self, pos: usize, now_ms: u64) {
+        if let Some(t) = self.targets.iter_mut().find(|(t, _)| *t == pos) {
+            t.1 = now_ms;
+        }
+    }
+
+    /// Changes the belief about `pos`; returns whether it changed (the driver then tells
+    /// the engine `MemberUp`/`MemberDown` and the new cluster size).
+    pub fn set(&mut self, pos: usize, alive: bool, now_ms: u64) -> bool {
+        if pos >= self.alive.len() || self.alive[pos] == alive {
+            return false;
+        }
+        self.alive[pos] = alive;
+        if alive {
+            self.alive_count += 1;
+        } else {
+            self.alive_count -= 1;
+        }
+        self.retarget(now_ms);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(n: u64) -> Arc<[NodeId]> {
+        let mut v: Vec<NodeId> = (0..n).map(NodeId::from_index).collect();
+        v.sort();
+        v.into()
+    }
+
+    #[test]
+    fn targets_agree_with_rank_watch_targets() {
+        let r = ring(9);
+        let mut d = Detector::new(4, r.clone(), 500, 0);
+        for dead in [5usize, 6, 0] {
+            d.set(dead, false, 0);
+            let want: Vec<usize> = crate::rank::watch_targets(r[4], &r, WATCHERS, |n| {
+                d.is_alive(r.binary_search(n).unwrap())
+            })
+            .iter()
+            .map(|n| r.binary_search(n).unwrap())
+            .collect();
+            assert_eq!(d.targets().collect::<Vec<_>>(), want);
+        }
+    }
+
+    #[test]
+    fn judges_silent_targets_and_moves_on() {
+        let r = ring(6);
+        let mut d = Detector::new(0, r, 500, 0);
+        assert_eq!(d.targets().collect::<Vec<_>>(), vec![1, 2]);
+        d.answered(1, 400);
+        let t = d.tick(600);
+        assert_eq!(
+            t,
+            Tick {
+                probe: vec![1],
+                judged: vec![2]
+            }
+        );
+        assert!(d.set(2, false, 600));
+        assert!(!d.set(2, false, 600), "no change the second time");
+        assert_eq!(d.targets().collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(d.alive_count(), 5);
+        assert_eq!(
+            d.reprobe(),
+            vec![2],
+            "the dead node inside the watch range is re-probed"
+        );
+        assert!(d.set(2, true, 700));
+        assert_eq!(d.targets().collect::<Vec<_>>(), vec![1, 2]);
+        assert!(d.reprobe().is_empty());
+    }
+}
