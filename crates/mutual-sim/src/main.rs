@@ -20,7 +20,7 @@ use mutual_sim::{SimConfig, Summary, run};
 #[command(
     name = "mutual-sim",
     version,
-    after_help = "EXAMPLES:\n  mutual-sim --nodes 100 --jobs 1000 --seed 7 --json\n  mutual-sim --seeds 0..200 --kill-percent 10\n\nEXIT CODES: 0 no violation, 1 violations found (reproduce command on stderr), 2 bad flags."
+    after_help = "EXAMPLES:\n  mutual-sim --nodes 100 --jobs 1000 --seed 7 --json\n  mutual-sim --seeds 0..200 --kill-percent 10\n\nEXIT CODES: 0 no violation, 1 violations found (reproduce command on stderr), 2 bad flags.\n\nDEBUGGING (stderr only; the summary does not change):\n  MUTUAL_SIM_DEBUG=1            print the records of every job that did not succeed\n  MUTUAL_SIM_TRACE=<id prefix>  trace one node's membership (judgements, beliefs, crash)"
 )]
 struct Args {
     /// Number of nodes.
