@@ -2,8 +2,11 @@
 //! exact commands it emits at each step (timeouts, cancel, a holder judged dead, a fenced
 //! holder), so each engine rule has a direct, readable test.
 
+mod common;
+
+use common::finished;
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
-use mutual_core::view::{ExecMetrics, ExpiryReason, Outcome, Record};
+use mutual_core::view::{ExpiryReason, Record};
 use mutual_core::{Epoch, FencingToken, Hlc, JobId, JobRequest, JobState, NodeId};
 
 const T0: u64 = 1_000_000_000;
@@ -94,20 +97,6 @@ fn started(req: JobRequest) -> (Engine, JobId, FencingToken, u64) {
     ));
     assert_eq!(e.state(&job), Some(JobState::Running { token }));
     (e, job, token, at)
-}
-
-fn finished(job: JobId, token: FencingToken, exit_code: i32) -> Event {
-    Event::ExecutionFinished {
-        job,
-        token,
-        outcome: Outcome {
-            exit_code,
-            timed_out: false,
-        },
-        metrics: ExecMetrics::default(),
-        outputs: None,
-        logs: None,
-    }
 }
 
 #[test]

@@ -8,7 +8,7 @@
 mod common;
 
 use common::{
-    cancel, checkpoint, claim, expiry, node, result, start, tok, view_of, view_with_spec,
+    cancel, checkpoint, claim, expiry, finished, node, result, start, tok, view_of, view_with_spec,
 };
 use mutual_core::derive::{JobState, derive_state, restorable_checkpoint, result_counts};
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, Timer};
@@ -18,7 +18,7 @@ use mutual_core::invariants::{
 };
 use mutual_core::spec::JobRequest;
 use mutual_core::token::{Epoch, FencingToken};
-use mutual_core::view::{ExecMetrics, ExpiryReason, JobView, Outcome, Record};
+use mutual_core::view::{ExpiryReason, JobView, Record};
 
 /// All permutations of `0..n` (Heap's algorithm).
 fn permutations(n: usize) -> Vec<Vec<usize>> {
@@ -414,20 +414,6 @@ fn started_engine() -> (Engine, mutual_core::ids::JobId, FencingToken) {
         })
         .expect("started");
     (e, job, token)
-}
-
-fn finished(job: mutual_core::ids::JobId, token: FencingToken, exit_code: i32) -> Event {
-    Event::ExecutionFinished {
-        job,
-        token,
-        outcome: Outcome {
-            exit_code,
-            timed_out: false,
-        },
-        metrics: ExecMetrics::default(),
-        outputs: None,
-        logs: None,
-    }
 }
 
 /// REPORT 7 at the engine: once the holder sees a later epoch's claim it stops, and

@@ -1298,17 +1298,7 @@ fn engine_frees_the_slot_of_a_stopped_execution() {
         t2 = t2.or(started(&pending));
     }
     // Both executions end.
-    let finish = |token, exit_code| Event::ExecutionFinished {
-        job,
-        token,
-        outcome: Outcome {
-            exit_code,
-            timed_out: false,
-        },
-        metrics: ExecMetrics::default(),
-        outputs: None,
-        logs: None,
-    };
+    let finish = |token, exit_code| common::finished(job, token, exit_code);
     e.handle(now + 1, finish(t1, 137)).expect("t1 ends");
     if let Some(t2) = t2 {
         e.handle(now + 2, finish(t2, 0)).expect("t2 ends");

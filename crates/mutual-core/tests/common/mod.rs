@@ -194,3 +194,18 @@ impl Rng {
         }
     }
 }
+
+/// The event an agent reports when an execution ends (no metrics, outputs or logs).
+pub fn finished(job: JobId, token: FencingToken, exit_code: i32) -> mutual_core::engine::Event {
+    mutual_core::engine::Event::ExecutionFinished {
+        job,
+        token,
+        outcome: Outcome {
+            exit_code,
+            timed_out: false,
+        },
+        metrics: ExecMetrics::default(),
+        outputs: None,
+        logs: None,
+    }
+}
