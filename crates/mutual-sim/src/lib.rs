@@ -863,7 +863,6 @@ impl Sim {
                 Command::Start { job, token, .. } => {
                     self.exec_seq += 1;
                     let exec_id = self.exec_seq;
-                    let inc = self.nodes[i as usize].inc;
                     let Some(&jx) = self.job_index.get(&job) else {
                         continue;
                     };
@@ -885,17 +884,7 @@ impl Sim {
                             running: true,
                         },
                     );
-                    self.schedule(
-                        self.now + dur,
-                        Ev::ExecDone {
-                            node: i,
-                            inc,
-                            job,
-                            token,
-                            exec_id,
-                            killed: false,
-                        },
-                    );
+                    self.schedule_exec_done(i, self.now + dur, job, token, exec_id, false);
                 }
                 Command::Stop { job, token, reason } => {
                     if self.cfg.buggify == Some(Buggify::RogueResults)
@@ -905,24 +894,13 @@ impl Sim {
                     }
                     self.exec_seq += 1;
                     let exec_id = self.exec_seq;
-                    let inc = self.nodes[i as usize].inc;
                     if let Some(x) = self.nodes[i as usize].execs.get_mut(&job)
                         && x.token == token
                     {
                         x.exec_id = exec_id;
                         x.running = false;
                         // Fenced, cancelled or timed out: the process is killed either way.
-                        self.schedule(
-                            self.now + 1,
-                            Ev::ExecDone {
-                                node: i,
-                                inc,
-                                job,
-                                token,
-                                exec_id,
-                                killed: true,
-                            },
-                        );
+                        self.schedule_exec_done(i, self.now + 1, job, token, exec_id, true);
                     }
                 }
                 Command::SetTimer { at_ms, timer } => {
@@ -944,6 +922,31 @@ impl Sim {
         for job in touched {
             self.check_step(i, job);
         }
+    }
+
+    /// The end of execution `exec_id` on node `i` (its current incarnation) at `at`; it is
+    /// ignored if the execution was replaced (stopped) or the node crashed meanwhile.
+    fn schedule_exec_done(
+        &mut self,
+        i: u32,
+        at: u64,
+        job: JobId,
+        token: FencingToken,
+        exec_id: u64,
+        killed: bool,
+    ) {
+        let inc = self.nodes[i as usize].inc;
+        self.schedule(
+            at,
+            Ev::ExecDone {
+                node: i,
+                inc,
+                job,
+                token,
+                exec_id,
+                killed,
+            },
+        );
     }
 
     /// `--buggify rogue-results`: write the result a fenced holder must never write.
