@@ -29,42 +29,35 @@ pub fn machine() -> Machine {
         .and_then(|l| l.split(':').nth(1))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|| "unknown".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kib = |key: &str| -> f64 {
-        meminfo
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     Machine {
         cpu,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        memory_gib: (kib("MemTotal:") / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        memory_gib: (proc_kib("/proc/meminfo", "MemTotal:").unwrap_or(0.0) / 1024.0 / 1024.0
+            * 10.0)
+            .round()
+            / 10.0,
     }
+}
+
+/// The value of a `Key:   1234 kB` line of a `/proc` file, in KiB.
+fn proc_kib(path: &str, key: &str) -> Option<f64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// Memory the kernel says is available, in bytes.
 pub fn mem_available_bytes() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    meminfo
-        .lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .map_or(0, |k| k * 1024)
+    proc_kib("/proc/meminfo", "MemAvailable:").map_or(0, |k| (k * 1024.0) as u64)
 }
 
 /// This process's peak resident memory (VmHWM), in MiB.
 pub fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(f64::NAN, |k| k / 1024.0)
+    proc_kib("/proc/self/status", "VmHWM:").map_or(f64::NAN, |k| k / 1024.0)
 }
 
 /// The command line that ran this program, for the results file.

@@ -1180,7 +1180,6 @@ fn started(cmds: &[Command]) -> Option<FencingToken> {
 /// must not start the same job again before that execution has ended: the engine would
 /// lose track of the old execution, ignore its `ExecutionFinished`, and leak its slot.
 #[test]
-
 fn engine_does_not_restart_a_job_while_its_execution_is_stopping() {
     let config = EngineConfig {
         slots: 2,
@@ -1255,7 +1254,6 @@ fn engine_does_not_restart_a_job_while_its_execution_is_stopping() {
 /// The consequence of the bug above: after the restarted job finishes, the node has lost a
 /// slot for good. With two slots and nothing running it claims only one of two new jobs.
 #[test]
-
 fn engine_frees_the_slot_of_a_stopped_execution() {
     let config = EngineConfig {
         slots: 2,

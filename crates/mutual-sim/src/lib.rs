@@ -487,15 +487,6 @@ pub struct Sim {
     trace_prefix: Option<String>,
 }
 
-fn term_rank(s: &JobState) -> u8 {
-    match s {
-        JobState::Cancelled => 1,
-        JobState::Failed { .. } => 2,
-        JobState::Succeeded { .. } => 3,
-        _ => 0,
-    }
-}
-
 impl Sim {
     /// Builds a run from its config (nothing happens until [`Sim::run`]).
     pub fn new(cfg: SimConfig) -> Sim {
@@ -1103,28 +1094,9 @@ impl Sim {
             found.push(v);
         }
         let prev = self.prev_rank[i as usize][jx];
-        let rank = term_rank(&derived.state);
-        if prev != 0 && (rank == 0 || rank < prev) {
-            let prev_state = match prev {
-                1 => JobState::Cancelled,
-                2 => JobState::Failed { token: None },
-                _ => JobState::Succeeded {
-                    token: derived
-                        .winners
-                        .values()
-                        .next()
-                        .copied()
-                        .unwrap_or(FencingToken {
-                            epoch: mutual_core::Epoch(0),
-                            hlc: mutual_core::Hlc(0),
-                            node: NodeId::default(),
-                        }),
-                },
-            };
-            if let Err(v) = invariants::check_terminal_transition(job, &prev_state, &derived.state)
-            {
-                found.push(v);
-            }
+        let rank = invariants::terminal_rank(&derived.state);
+        if let Err(v) = invariants::check_terminal_rank(job, prev, &derived.state) {
+            found.push(v);
         }
         self.prev_rank[i as usize][jx] = prev.max(rank);
         for v in found {
