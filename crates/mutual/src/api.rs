@@ -1,0 +1,291 @@
+//! The HTTP API every node serves (axum, JSON, `/v1`).
+//!
+//! Handlers never touch node state: they send a request to the node's actor and await its
+//! answer, so the API sees exactly what the replica holds. Bodies are parsed here, not by
+//! axum's extractors, so that every refusal is a JSON error naming the field at fault.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use mutual_core::{JobId, JobRequest};
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::node::{ApiError, ApiReq};
+use crate::types::{ErrorBody, ErrorDetail, TicketReply};
+
+/// Default and largest page of `GET /v1/jobs`.
+pub const DEFAULT_LIST_LIMIT: usize = 1_000;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The node's actor.
+    pub node: mpsc::Sender<ApiReq>,
+    /// Bearer token, if required.
+    pub token: Option<Arc<str>>,
+    /// This node's ticket, as text.
+    pub ticket: Arc<str>,
+}
+
+/// A JSON error response.
+pub fn error(
+    status: StatusCode,
+    code: &str,
+    message: impl Into<String>,
+    field: Option<String>,
+) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: code.to_string(),
+            message: message.into(),
+            field,
+        },
+    };
+    (status, axum::Json(body)).into_response()
+}
+
+fn api_error(e: ApiError) -> Response {
+    match e {
+        ApiError::Invalid { field, message } => {
+            error(StatusCode::BAD_REQUEST, "invalid_request", message, field)
+        }
+        ApiError::NotFound(id) => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no job {id} on this node"),
+            None,
+        ),
+        ApiError::Unschedulable(m) => {
+            error(StatusCode::UNPROCESSABLE_ENTITY, "unschedulable", m, None)
+        }
+        ApiError::Full(m) => error(StatusCode::SERVICE_UNAVAILABLE, "full", m, None),
+    }
+}
+
+fn unavailable() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the node is shutting down",
+        None,
+    )
+}
+
+async fn ask<T>(
+    state: &ApiState,
+    make: impl FnOnce(oneshot::Sender<T>) -> ApiReq,
+) -> Result<T, Response> {
+    let (tx, rx) = oneshot::channel();
+    state.node.send(make(tx)).await.map_err(|_| unavailable())?;
+    rx.await.map_err(|_| unavailable())
+}
+
+fn parse_id(id: &str) -> Result<JobId, Response> {
+    id.parse().map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_job_id",
+            format!("{id:?} is not a job id: {e}"),
+            Some("id".into()),
+        )
+    })
+}
+
+async fn submit(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let Ok(body) = body else {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            format!(
+                "the body is over the limit of {} bytes",
+                mutual_core::spec::MAX_REQUEST_BYTES
+            ),
+            Some("(body)".into()),
+        );
+    };
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.starts_with("application/json"));
+    if !json {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the job as application/json",
+            None,
+        );
+    }
+    let request = match JobRequest::from_json(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let status = if body.len() > mutual_core::spec::MAX_REQUEST_BYTES {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return error(
+                status,
+                "invalid_request",
+                e.to_string(),
+                Some(e.field.clone()),
+            );
+        }
+    };
+    match ask(&state, |tx| ApiReq::Submit(request, tx)).await {
+        Ok(Ok(st)) => (StatusCode::CREATED, axum::Json(st)).into_response(),
+        Ok(Err(e)) => api_error(e),
+        Err(r) => r,
+    }
+}
+
+async fn get_job(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    match ask(&state, |tx| ApiReq::Get(id, tx)).await {
+        Ok(Some(st)) => axum::Json(st).into_response(),
+        Ok(None) => api_error(ApiError::NotFound(id.to_string())),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+const STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "cancelled"];
+
+async fn list_jobs(
+    State(state): State<ApiState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "the query takes `state` (queued, running, succeeded, failed, cancelled) and `limit`",
+            None,
+        );
+    };
+    if let Some(s) = &q.state
+        && !STATES.contains(&s.as_str())
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("unknown state {s:?}: use one of {}", STATES.join(", ")),
+            Some("state".into()),
+        );
+    }
+    let limit = q.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    match ask(&state, |tx| ApiReq::List(q.state, limit, tx)).await {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn cancel_job(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    match ask(&state, |tx| ApiReq::Cancel(id, tx)).await {
+        Ok(Ok(r)) => axum::Json(r).into_response(),
+        Ok(Err(e)) => api_error(e),
+        Err(r) => r,
+    }
+}
+
+async fn nodes(State(state): State<ApiState>) -> Response {
+    match ask(&state, ApiReq::Nodes).await {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn ticket(State(state): State<ApiState>) -> Response {
+    axum::Json(TicketReply {
+        ticket: state.ticket.to_string(),
+    })
+    .into_response()
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    match ask(&state, ApiReq::Metrics).await {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn healthz() -> Response {
+    axum::Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "no_such_route",
+        "no such endpoint; the API is under /v1 (jobs, nodes, ticket), plus /healthz and /metrics",
+        None,
+    )
+}
+
+async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok =
+            given.is_some_and(|g| blake3::hash(g.as_bytes()) == blake3::hash(token.as_bytes()));
+        if !ok && req.uri().path() != "/healthz" {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this node requires `Authorization: Bearer <token>` (the CLI: --api-token or MUTUAL_API_TOKEN)",
+                None,
+            );
+        }
+    }
+    next.run(req).await
+}
+
+/// The API's routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/jobs", get(list_jobs).post(submit))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/ticket", get(ticket))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(
+            mutual_core::spec::MAX_REQUEST_BYTES + 1,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}

@@ -1,0 +1,166 @@
+//! A blocking client of a node's HTTP API: what the CLI, the demo, the tests and the
+//! benchmarks use.
+
+use std::time::Duration;
+
+use mutual_core::JobRequest;
+use serde::de::DeserializeOwned;
+
+use crate::types::{CancelReply, ErrorBody, JobStatus, NodeStatus, TicketReply};
+
+/// Default node URL when neither `--node` nor `MUTUAL_NODE` is given.
+pub const DEFAULT_NODE: &str = "http://127.0.0.1:7070";
+/// How long one request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What can go wrong talking to a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer (connection refused, timeout).
+    #[error("cannot reach the node at {url}: {reason}")]
+    Unreachable {
+        /// The node.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The node answered with an error.
+    #[error("{} ({status}{})", body.error.message, body.error.field.as_ref().map(|f| format!(", field `{f}`")).unwrap_or_default())]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The error body.
+        body: ErrorBody,
+    },
+    /// The answer was not what the API promises.
+    #[error("unexpected answer from the node: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The HTTP status, for API errors.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one node.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client of the node at `base` (e.g. `http://127.0.0.1:7070`).
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .build()
+            .into();
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            agent,
+        }
+    }
+
+    /// The node's URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        let mut resp = r.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| ClientError::Decode(e.to_string()))?;
+        if (200..300).contains(&status) {
+            serde_json::from_str(&text).map_err(|e| ClientError::Decode(format!("{e}: {text}")))
+        } else {
+            let body = serde_json::from_str(&text)
+                .map_err(|_| ClientError::Decode(format!("status {status}: {}", text.trim())))?;
+            Err(ClientError::Api { status, body })
+        }
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => req.header("Authorization", &format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let req = self.auth(self.agent.get(&format!("{}{path}", self.base)));
+        self.finish(req.call())
+    }
+
+    /// Submits a job.
+    pub fn submit(&self, job: &JobRequest) -> Result<JobStatus, ClientError> {
+        let req = self.auth(self.agent.post(&format!("{}/v1/jobs", self.base)));
+        self.finish(req.send_json(job))
+    }
+
+    /// Posts raw bytes as a job (for tests of bad input).
+    pub fn submit_raw(&self, body: &[u8]) -> Result<JobStatus, ClientError> {
+        let req = self
+            .auth(self.agent.post(&format!("{}/v1/jobs", self.base)))
+            .header("Content-Type", "application/json");
+        self.finish(req.send(body))
+    }
+
+    /// One job.
+    pub fn job(&self, id: &str) -> Result<JobStatus, ClientError> {
+        self.get(&format!("/v1/jobs/{id}"))
+    }
+
+    /// Jobs, optionally in one state.
+    pub fn jobs(&self, state: Option<&str>) -> Result<Vec<JobStatus>, ClientError> {
+        match state {
+            Some(s) => self.get(&format!("/v1/jobs?state={s}&limit=10000")),
+            None => self.get("/v1/jobs?limit=10000"),
+        }
+    }
+
+    /// Cancels a job.
+    pub fn cancel(&self, id: &str) -> Result<CancelReply, ClientError> {
+        let req = self.auth(self.agent.delete(&format!("{}/v1/jobs/{id}", self.base)));
+        self.finish(req.call())
+    }
+
+    /// The members as this node sees them.
+    pub fn nodes(&self) -> Result<Vec<NodeStatus>, ClientError> {
+        self.get("/v1/nodes")
+    }
+
+    /// A join ticket.
+    pub fn ticket(&self) -> Result<String, ClientError> {
+        self.get::<TicketReply>("/v1/ticket").map(|t| t.ticket)
+    }
+
+    /// The Prometheus metrics text.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let req = self.auth(self.agent.get(&format!("{}/metrics", self.base)));
+        let mut resp = req.call().map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        resp.body_mut()
+            .read_to_string()
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+}

@@ -1,0 +1,162 @@
+//! The process executor: runs a job's command as a real child process.
+//!
+//! Each execution gets its own process group (so a kill reaches everything the job
+//! started), its own working directory, and its stdout and stderr captured to files under
+//! the node's data directory. A kill is `SIGKILL` to the whole group, sent at once: when
+//! the node learns it was fenced, when the job is cancelled, and at its timeout. A command
+//! that cannot be started ends like a shell reports it: exit code 127.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mutual_core::view::{ExecMetrics, Outcome};
+use mutual_core::{FencingToken, JobId, JobSpec};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// Exit code reported when the command could not be started.
+pub const EXIT_CANNOT_START: i32 = 127;
+
+/// How an execution ended, as the executor saw it.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// The job.
+    pub job: JobId,
+    /// The token it ran under.
+    pub token: FencingToken,
+    /// Exit code (`128 + signal` when killed by a signal).
+    pub exit_code: i32,
+    /// Measurements.
+    pub metrics: ExecMetrics,
+    /// Why it could not start, if it could not.
+    pub start_error: Option<String>,
+}
+
+/// A running execution.
+#[derive(Debug)]
+pub struct Running {
+    pgid: Option<i32>,
+    /// Its token.
+    pub token: FencingToken,
+    /// Where its output goes.
+    pub log_dir: PathBuf,
+}
+
+impl Running {
+    /// Kills the whole process group now. The waiter reports the end.
+    pub fn kill(&self) {
+        if let Some(pgid) = self.pgid {
+            // ESRCH (already gone) is fine: the waiter reports the exit either way.
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Where an execution's logs live: `<data>/logs/<job>/<epoch>.{stdout,stderr}`.
+pub fn log_paths(data_dir: &Path, job: JobId, epoch: u64) -> (PathBuf, PathBuf) {
+    let d = data_dir.join("logs").join(job.to_string());
+    (
+        d.join(format!("{epoch}.stdout")),
+        d.join(format!("{epoch}.stderr")),
+    )
+}
+
+/// Starts `spec`'s command under `token`; `done` is called once with how it ended.
+pub fn start(
+    data_dir: &Path,
+    spec: Arc<JobSpec>,
+    token: FencingToken,
+    done: impl FnOnce(Finished) + Send + 'static,
+) -> Running {
+    let job = spec.id;
+    let epoch = u64::from(token.epoch.0);
+    let (out_path, err_path) = log_paths(data_dir, job, epoch);
+    let log_dir = out_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| data_dir.to_path_buf());
+    let work = data_dir.join("work").join(format!("{job}-{epoch}"));
+    let began = Instant::now();
+    let fail = move |msg: String| Finished {
+        job,
+        token,
+        exit_code: EXIT_CANNOT_START,
+        metrics: ExecMetrics::default(),
+        start_error: Some(msg),
+    };
+    let spawned = (|| -> std::io::Result<tokio::process::Child> {
+        std::fs::create_dir_all(&log_dir)?;
+        std::fs::create_dir_all(&work)?;
+        let stdout = std::fs::File::create(&out_path)?;
+        let stderr = std::fs::File::create(&err_path)?;
+        let (program, args) = spec
+            .command
+            .split_first()
+            .ok_or_else(|| std::io::Error::other("the job has no command"))?;
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .envs(&spec.env)
+            .env("MUTUAL_JOB_ID", job.to_string())
+            .env("MUTUAL_ATTEMPT", epoch.to_string())
+            .env("MUTUAL_FENCING_TOKEN", token.to_string())
+            .env("MUTUAL_WORK_DIR", &work)
+            .current_dir(&work)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(false);
+        cmd.spawn()
+    })();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("cannot start {:?}: {e}", spec.command.first());
+            let _ = std::fs::write(&err_path, format!("mutual: {msg}\n"));
+            let _ = std::fs::remove_dir_all(&work);
+            tokio::spawn(async move { done(fail(msg)) });
+            return Running {
+                pgid: None,
+                token,
+                log_dir,
+            };
+        }
+    };
+    let pgid = child.id().map(|p| p as i32);
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        let exit_code = match status {
+            Ok(s) => {
+                use std::os::unix::process::ExitStatusExt;
+                s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0))
+            }
+            Err(_) => EXIT_CANNOT_START,
+        };
+        let _ = tokio::fs::remove_dir_all(&work).await;
+        done(Finished {
+            job,
+            token,
+            exit_code,
+            metrics: ExecMetrics {
+                wall_ms: began.elapsed().as_millis() as u64,
+                ..ExecMetrics::default()
+            },
+            start_error: None,
+        });
+    });
+    Running {
+        pgid,
+        token,
+        log_dir,
+    }
+}
+
+/// The outcome the engine records for a finished execution.
+pub fn outcome(exit_code: i32, timed_out: bool) -> Outcome {
+    Outcome {
+        exit_code,
+        timed_out,
+    }
+}

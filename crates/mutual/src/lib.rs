@@ -1,0 +1,15 @@
+//! # mutual: the Mutual Cloud node and its CLI client
+//!
+//! `mutual node` runs a node — HTTP API, agent and replica of the job documents — over iroh;
+//! every other subcommand is a thin client of a node's HTTP API. See `docs/ARCHITECTURE.md`.
+
+pub mod api;
+pub mod client;
+pub mod exec;
+pub mod net;
+pub mod node;
+pub mod store;
+pub mod ticket;
+pub mod types;
+pub mod units;
+pub mod wire;

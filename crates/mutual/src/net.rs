@@ -1,0 +1,299 @@
+//! The node's iroh transport: one outbound link task per peer, one reader task per
+//! inbound connection.
+//!
+//! A link connects to its peer, opens one unidirectional stream, sends the
+//! [`Msg::Hello`] proof and then whatever the node queues for that peer, batching what is
+//! queued together into one write. It never blocks the node: the queue is bounded and a
+//! full queue drops the message (anti-entropy repairs lost pushes; probes are periodic). A
+//! broken connection is re-established with backoff. If the peer closes the connection
+//! with [`REFUSED`], our proof was wrong: the link reports it and stops.
+//!
+//! An inbound connection must start with a valid `Hello` from the endpoint iroh
+//! authenticated; otherwise it is closed with [`REFUSED`] before anything is sent, so a
+//! node with the wrong secret learns nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use iroh::endpoint::{Connection, VarInt};
+use iroh::{Endpoint, EndpointAddr, PublicKey};
+use mutual_core::NodeId;
+use tokio::sync::mpsc;
+
+use crate::ticket::{ClusterSecret, hello_proof, proof_matches};
+use crate::wire::{self, Msg, NodeInfo};
+
+/// Close code for a refused hello.
+pub const REFUSED: u32 = 1;
+/// Frames queued per peer before new ones are dropped.
+pub const LINK_QUEUE_FRAMES: usize = 4_096;
+/// Most bytes written to a peer in one batch.
+pub const LINK_BATCH_BYTES: usize = 256 * 1024;
+/// How long a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an inbound connection has to present its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff between reconnection attempts: first and largest.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// See [`BACKOFF_MIN`].
+pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Traffic counters, shared by every link and reader.
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Bytes written to peers.
+    pub bytes_out: AtomicU64,
+    /// Bytes read from peers.
+    pub bytes_in: AtomicU64,
+    /// Messages queued to peers.
+    pub msgs_out: AtomicU64,
+    /// Messages read from peers.
+    pub msgs_in: AtomicU64,
+    /// Messages dropped because a peer's queue was full.
+    pub dropped: AtomicU64,
+    /// Inbound connections refused (bad hello).
+    pub refused: AtomicU64,
+}
+
+/// What the transport tells the node.
+#[derive(Debug)]
+pub enum NetEvent {
+    /// An authenticated peer said hello.
+    Hello(NodeInfo),
+    /// A message from an authenticated peer.
+    Msg {
+        /// The sender.
+        from: NodeId,
+        /// The message.
+        msg: Msg,
+    },
+    /// A peer refused our hello (wrong cluster secret).
+    Refused {
+        /// The peer.
+        peer: NodeId,
+        /// What it said.
+        reason: String,
+    },
+}
+
+/// The sending half of a link to one peer.
+#[derive(Debug, Clone)]
+pub struct Link {
+    tx: mpsc::Sender<Arc<Vec<u8>>>,
+}
+
+impl Link {
+    /// Queues an encoded frame; drops it (and counts) if the queue is full.
+    pub fn send(&self, frame: Arc<Vec<u8>>, stats: &NetStats) {
+        if self.tx.try_send(frame).is_ok() {
+            stats.msgs_out.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Converts a node id to the iroh key it is.
+pub fn public_key(id: &NodeId) -> Option<PublicKey> {
+    PublicKey::from_bytes(id.as_bytes()).ok()
+}
+
+/// The address to dial a peer at.
+pub fn endpoint_addr(key: PublicKey, addrs: &[SocketAddr]) -> EndpointAddr {
+    addrs
+        .iter()
+        .fold(EndpointAddr::new(key), |a, s| a.with_ip_addr(*s))
+}
+
+/// Everything a link or reader needs.
+#[derive(Clone)]
+pub struct Transport {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// The cluster secret.
+    pub secret: ClusterSecret,
+    /// Where events go.
+    pub events: mpsc::Sender<NetEvent>,
+    /// Counters.
+    pub stats: Arc<NetStats>,
+}
+
+impl Transport {
+    fn me(&self) -> [u8; 32] {
+        *self.endpoint.id().as_bytes()
+    }
+
+    /// Starts a link to `peer` at `addrs`; `hello` is our current info.
+    pub fn link(&self, peer: NodeId, addrs: Vec<SocketAddr>, hello: NodeInfo) -> Link {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+        let t = self.clone();
+        tokio::spawn(async move { t.run_link(peer, addrs, hello, rx).await });
+        Link { tx }
+    }
+
+    async fn run_link(
+        self,
+        peer: NodeId,
+        addrs: Vec<SocketAddr>,
+        hello: NodeInfo,
+        mut rx: mpsc::Receiver<Arc<Vec<u8>>>,
+    ) {
+        let Some(key) = public_key(&peer) else {
+            return;
+        };
+        let addr = endpoint_addr(key, &addrs);
+        let proof = hello_proof(&self.secret, &self.me(), peer.as_bytes());
+        let Ok(hello) = wire::encode(&Msg::Hello { proof, info: hello }) else {
+            return;
+        };
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let conn = match tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                self.endpoint.connect(addr.clone(), wire::ALPN),
+            )
+            .await
+            {
+                Ok(Ok(c)) => c,
+                _ => {
+                    // The node dropped this link (the peer moved, or we are shutting down).
+                    if rx.is_closed() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
+            match self.pump(&conn, &hello, &mut rx).await {
+                Pump::Closed => return,
+                Pump::Refused(reason) => {
+                    let _ = self.events.send(NetEvent::Refused { peer, reason }).await;
+                    return;
+                }
+                Pump::Broken => {
+                    backoff = BACKOFF_MIN;
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    async fn pump(
+        &self,
+        conn: &Connection,
+        hello: &[u8],
+        rx: &mut mpsc::Receiver<Arc<Vec<u8>>>,
+    ) -> Pump {
+        let Ok(mut send) = conn.open_uni().await else {
+            return Pump::Broken;
+        };
+        if send.write_all(hello).await.is_err() {
+            return refused_or_broken(conn).await;
+        }
+        let mut buf = Vec::with_capacity(LINK_BATCH_BYTES);
+        loop {
+            tokio::select! {
+                frame = rx.recv() => {
+                    let Some(frame) = frame else {
+                        conn.close(VarInt::from_u32(0), b"bye");
+                        return Pump::Closed;
+                    };
+                    buf.clear();
+                    buf.extend_from_slice(&frame);
+                    while buf.len() < LINK_BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(f) => buf.extend_from_slice(&f),
+                            Err(_) => break,
+                        }
+                    }
+                    if send.write_all(&buf).await.is_err() {
+                        return refused_or_broken(conn).await;
+                    }
+                    self.stats.bytes_out.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                }
+                reason = conn.closed() => {
+                    return classify(reason);
+                }
+            }
+        }
+    }
+
+    /// Serves one inbound connection.
+    pub async fn serve(self, incoming: iroh::endpoint::Incoming) {
+        let Ok(Ok(conn)) = tokio::time::timeout(HELLO_TIMEOUT, incoming).await else {
+            return;
+        };
+        let remote = conn.remote_id();
+        let Ok(Ok(mut recv)) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_uni()).await else {
+            return;
+        };
+        let first = tokio::time::timeout(HELLO_TIMEOUT, wire::read_frame(&mut recv)).await;
+        let info = match first {
+            Ok(Ok(Some((Msg::Hello { proof, info }, _))))
+                if info.id.as_bytes() == remote.as_bytes()
+                    && proof_matches(
+                        &proof,
+                        &hello_proof(&self.secret, remote.as_bytes(), &self.me()),
+                    ) =>
+            {
+                info
+            }
+            _ => {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %remote, "refused a connection: wrong cluster secret or no hello");
+                conn.close(VarInt::from_u32(REFUSED), b"wrong cluster secret");
+                return;
+            }
+        };
+        let from = info.id;
+        if self.events.send(NetEvent::Hello(info)).await.is_err() {
+            return;
+        }
+        loop {
+            match wire::read_frame(&mut recv).await {
+                Ok(Some((msg, n))) => {
+                    self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
+                    self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    if self.events.send(NetEvent::Msg { from, msg }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    if !matches!(e, wire::FrameError::Io(_)) {
+                        tracing::warn!(peer = %from, "dropping the connection: {e}");
+                        conn.close(VarInt::from_u32(2), b"bad frame");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+enum Pump {
+    Closed,
+    Broken,
+    Refused(String),
+}
+
+async fn refused_or_broken(conn: &Connection) -> Pump {
+    match tokio::time::timeout(Duration::from_millis(500), conn.closed()).await {
+        Ok(reason) => classify(reason),
+        Err(_) => Pump::Broken,
+    }
+}
+
+fn classify(reason: iroh::endpoint::ConnectionError) -> Pump {
+    match reason {
+        iroh::endpoint::ConnectionError::ApplicationClosed(c)
+            if c.error_code == VarInt::from_u32(REFUSED) =>
+        {
+            Pump::Refused(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => Pump::Broken,
+    }
+}

@@ -1,0 +1,1393 @@
+//! One node: the engine, its job documents, the failure detector, the agent and the
+//! transport, driven by one task (the actor) that owns all of it.
+//!
+//! The actor is the "driver" of the sans-IO engine (`mutual_core::engine`): it turns
+//! network messages, API requests, timers and finished executions into engine events, and
+//! executes the engine's commands: records become automerge changes that are appended to
+//! the write-ahead log and, once durable, pushed to every live peer (and only then is the
+//! client answered); executions are started and killed; timers are armed. It is the real
+//! counterpart of `mutual-sim`, and follows the same rules for what the simulator found
+//! necessary: both evidence-of-life rules for the detector, passive restart until a caught-up
+//! peer answered, and anti-entropy by per-job fingerprints.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use mutual_core::doc::JobDoc;
+use mutual_core::engine::{
+    CancelOutcome, Command, Engine, EngineConfig, EngineError, Event, StopReason,
+};
+use mutual_core::membership::Detector;
+use mutual_core::view::Record;
+use mutual_core::{JobId, JobRequest, NodeId, Resources};
+use prometheus_client::metrics::histogram::Histogram;
+use rand::seq::IteratorRandom;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::exec::{self, Finished, Running};
+use crate::net::{Link, NetEvent, NetStats, Transport};
+use crate::store::{self, Frame, Kind, Store};
+use crate::ticket::{ClusterSecret, Ticket};
+use crate::types::{CancelReply, JobStatus, NodeStatus, job_status};
+use crate::wire::{self, Msg, NodeInfo};
+
+/// Most jobs one node holds; documents for new jobs beyond it are refused (from peers and
+/// clients alike) rather than exhaust memory.
+pub const MAX_JOBS: usize = 1_000_000;
+/// API requests queued for the actor.
+pub const API_QUEUE: usize = 1_024;
+/// Transport events queued for the actor.
+pub const NET_QUEUE: usize = 8_192;
+/// Anti-entropy rounds a restarted node waits for a caught-up peer before going active.
+pub const PASSIVE_FALLBACK_ROUNDS: u32 = 3;
+/// Nodes believed dead near this one on the ring are re-probed once per this many ticks.
+pub const REPROBE_EVERY_TICKS: u64 = 5;
+/// Most jobs listed by one `GET /v1/jobs`.
+pub const MAX_LIST: usize = 10_000;
+
+/// Timing settings of the node protocol.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Failure-detector probe period.
+    pub probe_interval_ms: u64,
+    /// A watched node silent this long is judged dead.
+    pub failure_timeout_ms: u64,
+    /// Anti-entropy period.
+    pub ae_interval_ms: u64,
+    /// Own info is re-broadcast at most this often when it changed.
+    pub info_interval_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            probe_interval_ms: 100,
+            failure_timeout_ms: 500,
+            ae_interval_ms: 1_000,
+            info_interval_ms: 250,
+        }
+    }
+}
+
+/// Everything a node is started with.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Peer (iroh) socket address.
+    pub listen: SocketAddr,
+    /// HTTP API address.
+    pub http: SocketAddr,
+    /// Tickets of members to join.
+    pub join: Vec<Ticket>,
+    /// Engine settings (slots, resources, labels, windows).
+    pub engine: EngineConfig,
+    /// Bearer token required by the API, if any.
+    pub api_token: Option<String>,
+    /// Relay URL to advertise in tickets, if any.
+    pub relay: Option<String>,
+    /// Protocol timing.
+    pub timing: Timing,
+}
+
+/// A request from the HTTP API to the actor.
+#[derive(Debug)]
+pub enum ApiReq {
+    /// Submit a job; answered once its spec is durable.
+    Submit(JobRequest, oneshot::Sender<Result<JobStatus, ApiError>>),
+    /// One job.
+    Get(JobId, oneshot::Sender<Option<JobStatus>>),
+    /// Jobs, optionally in one state, newest first.
+    List(Option<String>, usize, oneshot::Sender<Vec<JobStatus>>),
+    /// Cancel a job; answered once the cancel is durable.
+    Cancel(JobId, oneshot::Sender<Result<CancelReply, ApiError>>),
+    /// Members.
+    Nodes(oneshot::Sender<Vec<NodeStatus>>),
+    /// Prometheus text.
+    Metrics(oneshot::Sender<String>),
+}
+
+/// Refusals the API turns into status codes.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// Invalid request (400).
+    #[error("{message}")]
+    Invalid {
+        /// Field at fault.
+        field: Option<String>,
+        /// Why.
+        message: String,
+    },
+    /// Unknown job (404).
+    #[error("no job {0} on this node")]
+    NotFound(String),
+    /// Valid but cannot run anywhere (422).
+    #[error("{0}")]
+    Unschedulable(String),
+    /// Out of room (503).
+    #[error("{0}")]
+    Full(String),
+}
+
+/// What a started node tells its owner.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// This node's id.
+    pub id: NodeId,
+    /// A ticket to join its cluster.
+    pub ticket: Ticket,
+    /// Requests to the actor.
+    pub api: mpsc::Sender<ApiReq>,
+    /// Joining: `None` while no member has answered yet, then `Ok` once one did, or the
+    /// reason every `--join` member refused us.
+    pub joined: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
+}
+
+/// Wall-clock milliseconds since the Unix epoch (the HLC's physical time).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn read_or_create_key(path: &Path) -> anyhow::Result<iroh::SecretKey> {
+    match std::fs::read(path) {
+        Ok(b) => {
+            let arr: [u8; 32] = b
+                .as_slice()
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("{} is damaged (not 32 bytes)", path.display()))?;
+            Ok(iroh::SecretKey::from_bytes(&arr))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = iroh::SecretKey::generate();
+            write_private(path, &key.to_bytes())?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The cluster secret: the one stored in the data directory, else the joined ticket's, else
+/// a new one (this node founds a cluster). A data directory of another cluster is refused.
+fn cluster_secret(dir: &Path, join: &[Ticket]) -> anyhow::Result<ClusterSecret> {
+    let path = dir.join("cluster.secret");
+    let stored = match std::fs::read(&path) {
+        Ok(b) => Some(ClusterSecret(b.as_slice().try_into().map_err(|_| {
+            anyhow::anyhow!("{} is damaged (not 32 bytes)", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let from_ticket = join.first().map(|t| t.secret);
+    if join.iter().any(|t| Some(t.secret) != from_ticket) {
+        bail!("the --join tickets belong to different clusters");
+    }
+    match (stored, from_ticket) {
+        (Some(s), Some(t)) if s != t => bail!(
+            "{} belongs to another cluster than the --join ticket; use a fresh --data-dir",
+            dir.display()
+        ),
+        (Some(s), _) => Ok(s),
+        (None, Some(t)) => {
+            write_private(&path, &t.0)?;
+            Ok(t)
+        }
+        (None, None) => {
+            let s = ClusterSecret::generate();
+            write_private(&path, &s.0)?;
+            Ok(s)
+        }
+    }
+}
+
+/// Binds the endpoint, loads the data directory and starts the actor. The HTTP server is
+/// started by the caller with the returned handle.
+pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let key = read_or_create_key(&cfg.data_dir.join("node.key"))?;
+    let secret = cluster_secret(&cfg.data_dir, &cfg.join)?;
+    let transport_config = iroh::endpoint::QuicTransportConfig::builder()
+        .keep_alive_interval(Duration::from_secs(1))
+        .max_idle_timeout(Some(
+            Duration::from_secs(5).try_into().context("idle timeout")?,
+        ))
+        .build();
+    let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+        .secret_key(key)
+        .alpns(vec![wire::ALPN.to_vec()])
+        .relay_mode(iroh::RelayMode::Disabled)
+        .transport_config(transport_config)
+        .clear_ip_transports()
+        .bind_addr(cfg.listen)
+        .with_context(|| format!("--listen {}", cfg.listen))?
+        .bind()
+        .await
+        .with_context(|| format!("binding the peer endpoint on {}", cfg.listen))?;
+    let id = NodeId(*endpoint.id().as_bytes());
+    let mut addrs: Vec<SocketAddr> = endpoint.bound_sockets();
+    if addrs.iter().any(|a| a.ip().is_unspecified()) {
+        // Bound to every interface: advertise what iroh found on the host.
+        let found: Vec<SocketAddr> = endpoint.addr().ip_addrs().copied().collect();
+        if !found.is_empty() {
+            addrs = found;
+        }
+    }
+    addrs.truncate(crate::ticket::MAX_TICKET_ADDRS);
+    let ticket = Ticket {
+        secret,
+        endpoint: id.0,
+        addrs: addrs.clone(),
+        relay: cfg.relay.clone(),
+    };
+
+    // Executions do not survive a restart; their scratch directories are garbage.
+    let _ = std::fs::remove_dir_all(cfg.data_dir.join("work"));
+    let (store, loaded) = Store::open(&cfg.data_dir.join("jobs"))?;
+    if loaded.truncated_bytes > 0 {
+        tracing::warn!(
+            "the job log ended in a torn write ({} bytes cut); nothing acknowledged was lost",
+            loaded.truncated_bytes
+        );
+    }
+    let now = now_ms();
+    let mut docs: HashMap<JobId, JobDoc> = HashMap::new();
+    for f in &loaded.frames {
+        let doc = docs.entry(f.job).or_insert_with(|| JobDoc::empty(id));
+        if let Err(e) = doc.apply(&f.bytes) {
+            tracing::warn!(job = %f.job, "skipping a stored change that does not apply: {e}");
+        }
+    }
+    let views: Vec<_> = docs.values().filter_map(|d| d.view().ok()).collect();
+    let restarted = !views.is_empty();
+    let (engine, boot_cmds) = if restarted {
+        Engine::restart(id, cfg.engine.clone(), views, now)
+    } else {
+        (Engine::new(id, cfg.engine.clone(), now), Vec::new())
+    };
+
+    let (net_tx, net_rx) = mpsc::channel(NET_QUEUE);
+    let (api_tx, api_rx) = mpsc::channel(API_QUEUE);
+    let (int_tx, int_rx) = mpsc::unbounded_channel();
+    let (joined_tx, joined_rx) = tokio::sync::watch::channel(None);
+    let stats = Arc::new(NetStats::default());
+    let transport = Transport {
+        endpoint: endpoint.clone(),
+        secret,
+        events: net_tx,
+        stats: stats.clone(),
+    };
+    {
+        let t = transport.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = t.endpoint.accept().await {
+                tokio::spawn(t.clone().serve(incoming));
+            }
+        });
+    }
+    let mut stored_members: Vec<NodeInfo> = std::fs::read(cfg.data_dir.join("members.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    stored_members.retain(|m| m.id != id);
+    let http = Some(format!("http://{}", cfg.http));
+    let ring: Arc<[NodeId]> = Arc::from(vec![id]);
+    let mut node = Node {
+        id,
+        det: Detector::new(0, ring, cfg.timing.failure_timeout_ms, now),
+        cfg,
+        engine,
+        docs,
+        store,
+        wal_bytes: loaded.wal_bytes,
+        members: BTreeMap::new(),
+        links: HashMap::new(),
+        transport,
+        stats,
+        timers: BTreeSet::new(),
+        running: HashMap::new(),
+        int_tx,
+        version: (now, 0),
+        addrs,
+        http,
+        info_dirty: true,
+        passive_rounds: 0,
+        ticks: 0,
+        detection_ms: Histogram::new([100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 5000.0]),
+        judged_total: 0,
+        members_dirty: false,
+        joined: joined_tx,
+    };
+    node.run_cmds(now, boot_cmds, None);
+    // Compact at once: the next start loads one snapshot instead of a long log.
+    if restarted {
+        node.compact();
+    }
+    for t in &node.cfg.join.clone() {
+        let peer = NodeId(t.endpoint);
+        if peer != id {
+            node.ensure_member(placeholder_info(peer, t.addrs.clone()), now);
+        }
+    }
+    for m in stored_members {
+        node.ensure_member(m, now);
+    }
+    if !restarted {
+        // A fresh node has nothing stale to act on.
+    } else if node.members.is_empty() {
+        node.feed(now, Event::CaughtUp);
+    }
+    tokio::spawn(node.run(net_rx, api_rx, int_rx));
+    Ok(Started {
+        id,
+        ticket,
+        api: api_tx,
+        joined: joined_rx,
+    })
+}
+
+fn placeholder_info(id: NodeId, addrs: Vec<SocketAddr>) -> NodeInfo {
+    NodeInfo {
+        id,
+        addrs,
+        http: None,
+        version: (0, 0),
+        capacity: Resources {
+            cpu_millis: 0,
+            memory_bytes: 0,
+            gpus: 0,
+        },
+        free: Resources {
+            cpu_millis: 0,
+            memory_bytes: 0,
+            gpus: 0,
+        },
+        slots: 0,
+        free_slots: 0,
+        labels: BTreeMap::new(),
+        containers: false,
+        running: Vec::new(),
+    }
+}
+
+struct Member {
+    info: NodeInfo,
+    alive: bool,
+}
+
+/// Internal events (unbounded: each one is the end of work the actor started).
+enum Internal {
+    Durable {
+        pushes: Vec<(JobId, Vec<Vec<u8>>)>,
+        ack: Option<Ack>,
+    },
+    Exec(Finished),
+}
+
+enum Ack {
+    Submit(JobId, oneshot::Sender<Result<JobStatus, ApiError>>),
+    Cancel(
+        JobId,
+        CancelOutcome,
+        oneshot::Sender<Result<CancelReply, ApiError>>,
+    ),
+}
+
+struct Exec {
+    running: Running,
+    stop: Option<StopReason>,
+}
+
+struct Node {
+    id: NodeId,
+    cfg: NodeConfig,
+    engine: Engine,
+    docs: HashMap<JobId, JobDoc>,
+    store: Store,
+    wal_bytes: u64,
+    members: BTreeMap<NodeId, Member>,
+    links: HashMap<NodeId, Link>,
+    transport: Transport,
+    stats: Arc<NetStats>,
+    det: Detector,
+    timers: BTreeSet<(u64, mutual_core::engine::Timer)>,
+    running: HashMap<JobId, Exec>,
+    int_tx: mpsc::UnboundedSender<Internal>,
+    version: (u64, u64),
+    addrs: Vec<SocketAddr>,
+    http: Option<String>,
+    info_dirty: bool,
+    passive_rounds: u32,
+    ticks: u64,
+    detection_ms: Histogram,
+    judged_total: u64,
+    members_dirty: bool,
+    joined: tokio::sync::watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Node {
+    async fn run(
+        mut self,
+        mut net: mpsc::Receiver<NetEvent>,
+        mut api: mpsc::Receiver<ApiReq>,
+        mut internal: mpsc::UnboundedReceiver<Internal>,
+    ) {
+        let t = self.cfg.timing;
+        let mut probe = tokio::time::interval(Duration::from_millis(t.probe_interval_ms));
+        let mut ae = tokio::time::interval(Duration::from_millis((t.ae_interval_ms / 4).max(1)));
+        let mut info = tokio::time::interval(Duration::from_millis(t.info_interval_ms));
+        for i in [&mut probe, &mut ae, &mut info] {
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let mut ae_phase = 0u64;
+        loop {
+            let next_timer = self.timers.first().map(|(at, _)| *at);
+            let sleep = match next_timer {
+                Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                biased;
+                Some(ev) = internal.recv() => self.on_internal(ev),
+                Some(ev) = net.recv() => self.on_net(ev),
+                Some(req) = api.recv() => self.on_api(req),
+                _ = tokio::time::sleep(sleep), if next_timer.is_some() => self.fire_timers(),
+                _ = probe.tick() => self.probe_tick(),
+                _ = ae.tick() => {
+                    ae_phase += 1;
+                    // Every period while active, four times as often while restarting.
+                    if self.engine.is_passive() || ae_phase % 4 == 0 {
+                        self.ae_tick();
+                    }
+                }
+                _ = info.tick() => self.info_tick(),
+            }
+        }
+    }
+
+    fn feed(&mut self, now: u64, ev: Event) {
+        match self.engine.handle(now, ev) {
+            Ok(cmds) => self.run_cmds(now, cmds, None),
+            Err(e) => tracing::warn!("event refused: {e}"),
+        }
+    }
+
+    /// Executes engine commands. Records are written to their documents and appended to
+    /// the log in one batch; pushes and `ack` happen when the batch is durable.
+    fn run_cmds(&mut self, now: u64, cmds: Vec<Command>, ack: Option<Ack>) {
+        let mut frames = Vec::new();
+        let mut pushes: BTreeMap<JobId, Vec<Vec<u8>>> = BTreeMap::new();
+        for c in cmds {
+            match c {
+                Command::Write { job, record } => {
+                    let written = match &record {
+                        Record::Spec(spec) => JobDoc::create(spec, self.id).map(|d| {
+                            self.docs.insert(job, d);
+                        }),
+                        _ => self
+                            .docs
+                            .entry(job)
+                            .or_insert_with(|| JobDoc::empty(self.id))
+                            .write(&record),
+                    };
+                    if let Err(e) = written {
+                        tracing::error!(%job, "cannot write a record to its document: {e}");
+                        continue;
+                    }
+                    if let Some(bytes) = self.docs.get_mut(&job).and_then(|d| d.last_change()) {
+                        frames.push(Frame {
+                            kind: Kind::Change,
+                            job,
+                            bytes: bytes.clone(),
+                        });
+                        pushes.entry(job).or_default().push(bytes);
+                    }
+                }
+                Command::Start {
+                    job, token, spec, ..
+                } => {
+                    let tx = self.int_tx.clone();
+                    let running = exec::start(&self.cfg.data_dir, spec, token, move |f| {
+                        let _ = tx.send(Internal::Exec(f));
+                    });
+                    self.running.insert(
+                        job,
+                        Exec {
+                            running,
+                            stop: None,
+                        },
+                    );
+                    self.info_dirty = true;
+                }
+                Command::Stop { job, token, reason } => {
+                    if let Some(e) = self.running.get_mut(&job)
+                        && e.running.token == token
+                    {
+                        e.stop.get_or_insert(reason);
+                        e.running.kill();
+                    }
+                }
+                Command::SetTimer { at_ms, timer } => {
+                    self.timers.insert((at_ms, timer));
+                }
+            }
+        }
+        let _ = now;
+        if frames.is_empty() && ack.is_none() {
+            return;
+        }
+        let tx = self.int_tx.clone();
+        let pushes: Vec<_> = pushes.into_iter().collect();
+        self.wal_bytes += self.store.append(frames, move || {
+            let _ = tx.send(Internal::Durable { pushes, ack });
+        });
+        if self.wal_bytes > store::WAL_COMPACT_BYTES {
+            self.compact();
+        }
+    }
+
+    fn compact(&mut self) {
+        let docs = self
+            .docs
+            .iter_mut()
+            .map(|(job, d)| Frame {
+                kind: Kind::Doc,
+                job: *job,
+                bytes: d.save(),
+            })
+            .collect();
+        self.store.compact(docs);
+        self.wal_bytes = 0;
+    }
+
+    fn on_internal(&mut self, ev: Internal) {
+        match ev {
+            Internal::Durable { pushes, ack } => {
+                for (job, changes) in pushes {
+                    self.broadcast(&Msg::Changes { job, changes });
+                }
+                match ack {
+                    Some(Ack::Submit(job, reply)) => {
+                        let st = self
+                            .status(&job)
+                            .ok_or_else(|| ApiError::NotFound(job.to_string()));
+                        let _ = reply.send(st);
+                    }
+                    Some(Ack::Cancel(job, outcome, reply)) => {
+                        let state = self
+                            .status(&job)
+                            .map_or_else(|| "unknown".to_string(), |s| s.state);
+                        let outcome = match outcome {
+                            CancelOutcome::Cancelled => "cancelled".to_string(),
+                            CancelOutcome::AlreadyTerminal(s) => format!("already_{}", s.name()),
+                        };
+                        let _ = reply.send(Ok(CancelReply {
+                            id: job.to_string(),
+                            outcome,
+                            state,
+                        }));
+                    }
+                    None => {}
+                }
+            }
+            Internal::Exec(f) => {
+                let now = now_ms();
+                let Some(e) = self.running.remove(&f.job) else {
+                    return;
+                };
+                if e.running.token != f.token {
+                    return;
+                }
+                if let Some(err) = &f.start_error {
+                    tracing::warn!(job = %f.job, "{err}");
+                }
+                self.info_dirty = true;
+                let timed_out = e.stop == Some(StopReason::Timeout);
+                self.feed(
+                    now,
+                    Event::ExecutionFinished {
+                        job: f.job,
+                        token: f.token,
+                        outcome: exec::outcome(f.exit_code, timed_out),
+                        metrics: f.metrics,
+                        outputs: None,
+                        logs: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn fire_timers(&mut self) {
+        let now = now_ms();
+        while let Some(&(at, timer)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            self.feed(now, Event::Timer(timer));
+        }
+    }
+
+    // ---- membership ------------------------------------------------------------------
+
+    fn my_info(&mut self) -> NodeInfo {
+        let running: Vec<JobId> = self
+            .running
+            .keys()
+            .take(wire::MAX_RUNNING_LISTED)
+            .copied()
+            .collect();
+        let capacity = self.cfg.engine.capacity;
+        let used = self
+            .running
+            .keys()
+            .filter_map(|j| self.engine.view(j))
+            .filter_map(|v| v.spec.as_ref())
+            .fold((0u32, 0u64, 0u32), |(c, m, g), s| {
+                (
+                    c.saturating_add(s.resources.cpu_millis),
+                    m.saturating_add(s.resources.memory_bytes),
+                    g.saturating_add(s.resources.gpus),
+                )
+            });
+        NodeInfo {
+            id: self.id,
+            addrs: self.addrs.clone(),
+            http: self.http.clone(),
+            version: self.version,
+            capacity,
+            free: Resources {
+                cpu_millis: capacity.cpu_millis.saturating_sub(used.0),
+                memory_bytes: capacity.memory_bytes.saturating_sub(used.1),
+                gpus: capacity.gpus.saturating_sub(used.2),
+            },
+            slots: self.cfg.engine.slots,
+            free_slots: self
+                .cfg
+                .engine
+                .slots
+                .saturating_sub(self.running.len() as u32),
+            labels: self.cfg.engine.labels.clone(),
+            containers: self.cfg.engine.containers,
+            running,
+        }
+    }
+
+    /// Adds or updates a member; starts (or restarts) its link when it is new or moved.
+    fn ensure_member(&mut self, info: NodeInfo, now: u64) {
+        if info.id == self.id {
+            return;
+        }
+        let id = info.id;
+        let relink = match self.members.get_mut(&id) {
+            Some(m) => {
+                if info.version < m.info.version {
+                    return;
+                }
+                // A new boot (restart) or new addresses: the old connection is dead.
+                let relink = info.version.0 != m.info.version.0 || info.addrs != m.info.addrs;
+                if info != m.info {
+                    self.members_dirty = true;
+                }
+                m.info = info.clone();
+                relink
+            }
+            None => {
+                self.members.insert(
+                    id,
+                    Member {
+                        info: info.clone(),
+                        alive: true,
+                    },
+                );
+                self.members_dirty = true;
+                self.rebuild_detector(now);
+                true
+            }
+        };
+        if relink && !info.addrs.is_empty() {
+            let hello = self.my_info();
+            let link = self.transport.link(id, info.addrs.clone(), hello);
+            self.links.insert(id, link);
+        }
+    }
+
+    fn rebuild_detector(&mut self, now: u64) {
+        let mut ring: Vec<NodeId> = self.members.keys().copied().collect();
+        ring.push(self.id);
+        ring.sort();
+        let me = ring.iter().position(|n| *n == self.id).unwrap_or(0);
+        let ring: Arc<[NodeId]> = Arc::from(ring);
+        let mut det = Detector::new(me, ring.clone(), self.cfg.timing.failure_timeout_ms, now);
+        for (pos, n) in ring.iter().enumerate() {
+            if self.members.get(n).is_some_and(|m| !m.alive) {
+                det.set(pos, false, now);
+            }
+        }
+        self.det = det;
+        let alive = self.det.alive_count();
+        self.feed(now, Event::ClusterSize(alive));
+    }
+
+    fn pos(&self, id: &NodeId) -> Option<usize> {
+        self.det.ring().binary_search(id).ok()
+    }
+
+    /// Updates this node's belief about `id`, telling the engine what changed.
+    fn mark(&mut self, id: NodeId, alive: bool, now: u64) {
+        let Some(pos) = self.pos(&id) else { return };
+        if let Some(m) = self.members.get_mut(&id) {
+            m.alive = alive;
+        }
+        if !self.det.set(pos, alive, now) {
+            if !alive {
+                // The engine may have dropped an older judgement on evidence of life.
+                self.feed(now, Event::MemberDown(id));
+            }
+            return;
+        }
+        let ev = if alive {
+            Event::MemberUp(id)
+        } else {
+            Event::MemberDown(id)
+        };
+        self.feed(now, ev);
+        let n = self.det.alive_count();
+        self.feed(now, Event::ClusterSize(n));
+    }
+
+    fn send(&self, to: &NodeId, msg: &Msg) {
+        let Some(link) = self.links.get(to) else {
+            return;
+        };
+        match wire::encode(msg) {
+            Ok(f) => link.send(Arc::new(f), &self.stats),
+            Err(e) => tracing::error!("cannot encode a message: {e}"),
+        }
+    }
+
+    /// Sends to every member believed alive.
+    fn broadcast(&self, msg: &Msg) {
+        let frame = match wire::encode(msg) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                tracing::error!("cannot encode a message: {e}");
+                return;
+            }
+        };
+        for (id, m) in &self.members {
+            if m.alive
+                && let Some(link) = self.links.get(id)
+            {
+                link.send(frame.clone(), &self.stats);
+            }
+        }
+    }
+
+    fn probe_tick(&mut self) {
+        let now = now_ms();
+        self.ticks += 1;
+        let tick = self.det.tick(now);
+        for p in tick.probe {
+            if let Some(id) = self.det.ring().get(p).copied() {
+                self.send(&id, &Msg::Probe);
+            }
+        }
+        for j in tick.judged {
+            let Some(id) = self.det.ring().get(j).copied() else {
+                continue;
+            };
+            tracing::info!(node = %id, "judged dead (silent for {} ms)", self.cfg.timing.failure_timeout_ms);
+            self.judged_total += 1;
+            self.detection_ms
+                .observe(self.cfg.timing.failure_timeout_ms as f64);
+            self.mark(id, false, now);
+            self.feed(now, Event::Suspect(id));
+            self.broadcast(&Msg::Down(id));
+        }
+        if self.ticks.is_multiple_of(REPROBE_EVERY_TICKS) {
+            for k in self.det.reprobe() {
+                if let Some(id) = self.det.ring().get(k).copied() {
+                    self.send(&id, &Msg::Probe);
+                }
+            }
+        }
+    }
+
+    fn info_tick(&mut self) {
+        if self.info_dirty {
+            self.info_dirty = false;
+            self.version.1 += 1;
+            let info = self.my_info();
+            self.broadcast(&Msg::Info(info));
+        }
+        if self.members_dirty {
+            self.members_dirty = false;
+            let list: Vec<&NodeInfo> = self.members.values().map(|m| &m.info).collect();
+            if let Ok(bytes) = serde_json::to_vec(&list) {
+                let path = self.cfg.data_dir.join("members.json");
+                let tmp = path.with_extension("tmp");
+                if std::fs::write(&tmp, bytes)
+                    .and_then(|()| std::fs::rename(&tmp, &path))
+                    .is_err()
+                {
+                    tracing::warn!("cannot save the member list in {}", path.display());
+                }
+            }
+        }
+    }
+
+    fn random_alive(&self) -> Option<NodeId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| m.alive)
+            .map(|(id, _)| *id)
+            .choose(&mut rand::rng())
+    }
+
+    fn digest(&self) -> Vec<(JobId, u64)> {
+        self.engine
+            .views()
+            .take(wire::MAX_DIGEST_JOBS)
+            .map(|(id, v)| (*id, v.fingerprint()))
+            .collect()
+    }
+
+    fn ae_tick(&mut self) {
+        let now = now_ms();
+        if self.engine.is_passive() {
+            self.passive_rounds += 1;
+            if self.passive_rounds > PASSIVE_FALLBACK_ROUNDS {
+                tracing::info!("no caught-up peer answered; going active on what this node holds");
+                self.feed(now, Event::CaughtUp);
+            }
+        }
+        if let Some(peer) = self.random_alive() {
+            let d = self.digest();
+            self.send(
+                &peer,
+                &Msg::Digest {
+                    jobs: d,
+                    reply: true,
+                },
+            );
+            // Membership anti-entropy rides along: it heals one-sided member views.
+            let list: Vec<NodeInfo> = std::iter::once(self.my_info())
+                .chain(self.members.values().map(|m| m.info.clone()))
+                .take(wire::MAX_MEMBERS)
+                .collect();
+            self.send(&peer, &Msg::Members(list));
+        }
+    }
+
+    // ---- peers ---------------------------------------------------------------------
+
+    fn on_net(&mut self, ev: NetEvent) {
+        let now = now_ms();
+        match ev {
+            NetEvent::Hello(info) => {
+                let id = info.id;
+                let new = !self.members.contains_key(&id);
+                self.ensure_member(info, now);
+                if !matches!(*self.joined.borrow(), Some(Ok(()))) {
+                    self.joined.send_replace(Some(Ok(())));
+                }
+                if self.members.get(&id).is_some_and(|m| !m.alive) {
+                    self.mark(id, true, now);
+                }
+                if new {
+                    let list: Vec<NodeInfo> = std::iter::once(self.my_info())
+                        .chain(self.members.values().map(|m| m.info.clone()))
+                        .take(wire::MAX_MEMBERS)
+                        .collect();
+                    self.send(&id, &Msg::Members(list));
+                }
+                let d = self.digest();
+                self.send(
+                    &id,
+                    &Msg::Digest {
+                        jobs: d,
+                        reply: true,
+                    },
+                );
+            }
+            NetEvent::Refused { peer, reason } => {
+                tracing::error!(%peer, "refused our hello: {reason}");
+                if let Some(m) = self.members.get(&peer)
+                    && m.info.version == (0, 0)
+                {
+                    // A --join ticket with the wrong secret: forget it.
+                    self.members.remove(&peer);
+                    self.links.remove(&peer);
+                    self.rebuild_detector(now);
+                    let waiting = self.members.values().any(|m| m.info.version == (0, 0));
+                    if !waiting && self.joined.borrow().is_none() {
+                        self.joined.send_replace(Some(Err(reason)));
+                    }
+                }
+            }
+            NetEvent::Msg { from, msg } => self.on_msg(from, msg, now),
+        }
+    }
+
+    fn on_msg(&mut self, from: NodeId, msg: Msg, now: u64) {
+        if !self.members.contains_key(&from) {
+            return;
+        }
+        // Any message is evidence that its sender was alive when it sent it.
+        if self.members.get(&from).is_some_and(|m| !m.alive) && !matches!(msg, Msg::Ack) {
+            self.mark(from, true, now);
+        }
+        match msg {
+            Msg::Hello { .. } => {}
+            Msg::Members(list) => {
+                for info in list.into_iter().take(wire::MAX_MEMBERS) {
+                    if info.id == self.id {
+                        continue;
+                    }
+                    let known = self.members.contains_key(&info.id);
+                    // A member we never heard of is dialled; a known one only updated.
+                    if !known
+                        || self
+                            .members
+                            .get(&info.id)
+                            .is_some_and(|m| m.info.version < info.version)
+                    {
+                        self.ensure_member(info, now);
+                    }
+                }
+            }
+            Msg::Info(info) => {
+                if info.id == from {
+                    self.ensure_member(info, now);
+                }
+            }
+            Msg::Changes { job, changes } => self.receive(job, changes, Kind::Change, now),
+            Msg::Probe => self.send(&from, &Msg::Ack),
+            Msg::Ack => {
+                if let Some(pos) = self.pos(&from) {
+                    if !self.det.is_alive(pos) {
+                        self.mark(from, true, now);
+                        self.broadcast(&Msg::Up(from));
+                    }
+                    self.det.answered(pos, now);
+                }
+            }
+            Msg::Down(x) => {
+                if x == self.id {
+                    self.broadcast(&Msg::Up(self.id));
+                } else {
+                    self.mark(x, false, now);
+                }
+            }
+            Msg::Up(x) => {
+                if x != self.id {
+                    self.mark(x, true, now);
+                }
+            }
+            Msg::Digest { jobs, reply } => {
+                let theirs: HashMap<JobId, u64> =
+                    jobs.into_iter().take(wire::MAX_DIGEST_JOBS).collect();
+                let caught_up = !self.engine.is_passive();
+                let differ: Vec<JobId> = self
+                    .engine
+                    .views()
+                    .filter(|(id, v)| theirs.get(id) != Some(&v.fingerprint()))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut batch = Vec::new();
+                let mut bytes = 0usize;
+                for id in differ {
+                    if let Some(d) = self.docs.get_mut(&id) {
+                        let saved = d.save();
+                        bytes += saved.len();
+                        batch.push((id, saved));
+                    }
+                    if batch.len() >= wire::MAX_DOCS_PER_MSG || bytes >= wire::DOCS_MSG_BYTES {
+                        let docs = std::mem::take(&mut batch);
+                        bytes = 0;
+                        self.send(&from, &Msg::Docs { docs, caught_up });
+                    }
+                }
+                self.send(
+                    &from,
+                    &Msg::Docs {
+                        docs: batch,
+                        caught_up,
+                    },
+                );
+                if reply {
+                    let lacking = theirs
+                        .iter()
+                        .any(|(id, f)| self.engine.view(id).map(|v| v.fingerprint()) != Some(*f));
+                    if lacking {
+                        let d = self.digest();
+                        self.send(
+                            &from,
+                            &Msg::Digest {
+                                jobs: d,
+                                reply: false,
+                            },
+                        );
+                    }
+                }
+            }
+            Msg::Docs { docs, caught_up } => {
+                for (job, bytes) in docs.into_iter().take(wire::MAX_DOCS_PER_MSG) {
+                    self.receive(job, vec![bytes], Kind::Doc, now);
+                }
+                if caught_up && self.engine.is_passive() {
+                    tracing::info!(peer = %from, "caught up with a peer; going active");
+                    self.feed(now, Event::CaughtUp);
+                }
+            }
+        }
+    }
+
+    /// Applies changes (or a saved document) from a peer, persists them, and hands the
+    /// engine the records it did not have.
+    fn receive(&mut self, job: JobId, chunks: Vec<Vec<u8>>, kind: Kind, now: u64) {
+        if !self.docs.contains_key(&job) && self.docs.len() >= MAX_JOBS {
+            tracing::warn!(%job, "refusing a new job from a peer: this node holds {MAX_JOBS} jobs");
+            return;
+        }
+        let me = self.id;
+        let doc = self.docs.entry(job).or_insert_with(|| JobDoc::empty(me));
+        let mut frames = Vec::new();
+        for bytes in chunks {
+            match doc.apply(&bytes) {
+                Ok(()) => frames.push(Frame { kind, job, bytes }),
+                Err(e) => tracing::warn!(%job, "refusing bytes from a peer: {e}"),
+            }
+        }
+        // Before the creator's first change arrives the document does not decode yet.
+        let Ok(view) = doc.view() else { return };
+        if view.spec.as_ref().is_some_and(|s| s.id != job) {
+            tracing::warn!(%job, "a peer sent a document whose spec names another job");
+            self.docs.remove(&job);
+            return;
+        }
+        let known = self.engine.view(&job);
+        let records: Vec<Record> = view
+            .records()
+            .filter(|r| !known.is_some_and(|k| k.contains(r)))
+            .collect();
+        if !frames.is_empty() {
+            self.wal_bytes += self.store.append(frames, || {});
+        }
+        if records.is_empty() {
+            return;
+        }
+        let mut writers: Vec<NodeId> = records.iter().map(|r| r.writer()).collect();
+        writers.sort();
+        writers.dedup();
+        for chunk in records.chunks(mutual_core::engine::MAX_RECORDS_PER_EVENT) {
+            self.feed(
+                now,
+                Event::Remote {
+                    job,
+                    records: chunk.to_vec(),
+                },
+            );
+        }
+        // The engine drops a death judgement when it sees a record written after it
+        // (evidence of life); the detector follows, or a node judged dead by mistake is
+        // never watched again.
+        for w in writers {
+            if w != self.id
+                && !self.engine.is_judged_down(&w)
+                && self.members.get(&w).is_some_and(|m| !m.alive)
+            {
+                self.mark(w, true, now);
+            }
+        }
+    }
+
+    // ---- API -----------------------------------------------------------------------
+
+    fn status(&self, job: &JobId) -> Option<JobStatus> {
+        self.engine.view(job).and_then(job_status)
+    }
+
+    fn fits_somewhere(&self, r: &Resources, labels: &BTreeMap<String, String>) -> bool {
+        let mine = (self.cfg.engine.capacity, &self.cfg.engine.labels);
+        std::iter::once(mine)
+            .chain(
+                self.members
+                    .values()
+                    .filter(|m| m.alive && m.info.version != (0, 0))
+                    .map(|m| (m.info.capacity, &m.info.labels)),
+            )
+            .any(|(c, l)| {
+                c.cpu_millis >= r.cpu_millis
+                    && c.memory_bytes >= r.memory_bytes
+                    && c.gpus >= r.gpus
+                    && labels.iter().all(|(k, v)| l.get(k) == Some(v))
+            })
+    }
+
+    fn on_api(&mut self, req: ApiReq) {
+        let now = now_ms();
+        match req {
+            ApiReq::Submit(request, reply) => {
+                if self.docs.len() >= MAX_JOBS {
+                    let _ = reply.send(Err(ApiError::Full(format!(
+                        "this node holds {MAX_JOBS} jobs, its limit"
+                    ))));
+                    return;
+                }
+                let needs = request.resources.unwrap_or_default();
+                if !self.fits_somewhere(&needs, &request.labels) {
+                    let _ = reply.send(Err(ApiError::Unschedulable(format!(
+                        "no live node offers {} mCPU, {} bytes of memory, {} GPUs{}",
+                        needs.cpu_millis,
+                        needs.memory_bytes,
+                        needs.gpus,
+                        if request.labels.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" with labels {:?}", request.labels)
+                        }
+                    ))));
+                    return;
+                }
+                match self.engine.submit(now, request) {
+                    Ok((id, cmds)) => self.run_cmds(now, cmds, Some(Ack::Submit(id, reply))),
+                    Err(EngineError::Spec(e)) => {
+                        let _ = reply.send(Err(ApiError::Invalid {
+                            field: Some(e.field.clone()),
+                            message: e.to_string(),
+                        }));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(ApiError::Invalid {
+                            field: None,
+                            message: e.to_string(),
+                        }));
+                    }
+                }
+            }
+            ApiReq::Get(id, reply) => {
+                let _ = reply.send(self.status(&id));
+            }
+            ApiReq::List(state, limit, reply) => {
+                let mut out: Vec<JobStatus> = self
+                    .engine
+                    .views()
+                    .filter_map(|(_, v)| job_status(v))
+                    .filter(|s| state.as_ref().is_none_or(|want| &s.state == want))
+                    .collect();
+                out.sort_by(|a, b| {
+                    b.submitted_at_ms
+                        .cmp(&a.submitted_at_ms)
+                        .then_with(|| a.id.cmp(&b.id))
+                });
+                out.truncate(limit.min(MAX_LIST));
+                let _ = reply.send(out);
+            }
+            ApiReq::Cancel(id, reply) => match self.engine.cancel(now, id) {
+                Ok((outcome, cmds)) => {
+                    self.run_cmds(now, cmds, Some(Ack::Cancel(id, outcome, reply)));
+                }
+                Err(_) => {
+                    let _ = reply.send(Err(ApiError::NotFound(id.to_string())));
+                }
+            },
+            ApiReq::Nodes(reply) => {
+                let me = self.my_info();
+                let mut out = vec![node_status(&me, true, true)];
+                out.extend(
+                    self.members
+                        .values()
+                        .filter(|m| m.info.version != (0, 0))
+                        .map(|m| node_status(&m.info, m.alive, false)),
+                );
+                let _ = reply.send(out);
+            }
+            ApiReq::Metrics(reply) => {
+                let _ = reply.send(self.metrics_text());
+            }
+        }
+    }
+
+    fn metrics_text(&self) -> String {
+        use prometheus_client::encoding::text::encode;
+        use prometheus_client::metrics::counter::Counter;
+        use prometheus_client::metrics::family::Family;
+        use prometheus_client::metrics::gauge::Gauge;
+        use prometheus_client::registry::Registry;
+        use std::sync::atomic::Ordering::Relaxed;
+
+        let mut reg = Registry::with_prefix("mutual");
+        let jobs = Family::<Vec<(String, String)>, Gauge>::default();
+        let mut counts: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for name in [
+            "queued",
+            "claimed",
+            "running",
+            "succeeded",
+            "failed",
+            "cancelled",
+        ] {
+            counts.insert(name, 0);
+        }
+        for (id, _) in self.engine.views() {
+            if let Some(s) = self.engine.state(id) {
+                *counts.entry(s.name()).or_default() += 1;
+            }
+        }
+        for (state, n) in counts {
+            jobs.get_or_create(&vec![("state".to_string(), state.to_string())])
+                .set(n);
+        }
+        reg.register("jobs", "Jobs this replica holds, by derived state", jobs);
+        let st = self.engine.stats();
+        let counter = |reg: &mut Registry, name: &str, help: &str, v: u64| {
+            let c: Counter = Counter::default();
+            c.inc_by(v);
+            reg.register(name, help, c);
+        };
+        counter(&mut reg, "claims", "Claims this node wrote", st.claims);
+        counter(
+            &mut reg,
+            "settle_losses",
+            "Claims lost in the settle window",
+            st.settle_losses,
+        );
+        counter(
+            &mut reg,
+            "executions_started",
+            "Executions this node started",
+            st.starts,
+        );
+        counter(
+            &mut reg,
+            "fenced_executions",
+            "Executions stopped because this node learned it lost (fenced)",
+            st.fenced_stops,
+        );
+        counter(
+            &mut reg,
+            "expiries",
+            "Expiry records this node wrote",
+            st.expiries,
+        );
+        counter(
+            &mut reg,
+            "results",
+            "Result records this node wrote",
+            st.results,
+        );
+        counter(
+            &mut reg,
+            "clock_rejections",
+            "Remote records refused beyond the drift bound",
+            st.clock_rejections,
+        );
+        let n = &self.stats;
+        counter(
+            &mut reg,
+            "sync_bytes_sent",
+            "Bytes sent to peers",
+            n.bytes_out.load(Relaxed),
+        );
+        counter(
+            &mut reg,
+            "sync_bytes_received",
+            "Bytes received from peers",
+            n.bytes_in.load(Relaxed),
+        );
+        counter(
+            &mut reg,
+            "sync_messages_sent",
+            "Messages queued to peers",
+            n.msgs_out.load(Relaxed),
+        );
+        counter(
+            &mut reg,
+            "sync_messages_received",
+            "Messages received from peers",
+            n.msgs_in.load(Relaxed),
+        );
+        counter(
+            &mut reg,
+            "sync_messages_dropped",
+            "Messages dropped on full peer queues",
+            n.dropped.load(Relaxed),
+        );
+        counter(
+            &mut reg,
+            "connections_refused",
+            "Inbound connections refused (wrong secret)",
+            n.refused.load(Relaxed),
+        );
+        counter(
+            &mut reg,
+            "members_judged_dead",
+            "Members this node's detector judged dead",
+            self.judged_total,
+        );
+        reg.register(
+            "detection_silence_milliseconds",
+            "Silence of a watched member when it was judged dead",
+            self.detection_ms.clone(),
+        );
+        let members = Gauge::<i64>::default();
+        members.set(self.det.alive_count() as i64);
+        reg.register(
+            "members_alive",
+            "Members believed alive, this node included",
+            members,
+        );
+        let running = Gauge::<i64>::default();
+        running.set(self.running.len() as i64);
+        reg.register(
+            "executions_running",
+            "Executions running on this node",
+            running,
+        );
+        let mut out = String::new();
+        let _ = encode(&mut out, &reg);
+        out
+    }
+}
+
+fn node_status(info: &NodeInfo, alive: bool, is_self: bool) -> NodeStatus {
+    NodeStatus {
+        id: info.id.to_string(),
+        alive,
+        http: info.http.clone(),
+        addrs: info.addrs.iter().map(|a| a.to_string()).collect(),
+        capacity: info.capacity,
+        free: info.free,
+        slots: info.slots,
+        free_slots: info.free_slots,
+        labels: info.labels.clone(),
+        containers: info.containers,
+        running: info.running.iter().map(|j| j.to_string()).collect(),
+        is_self,
+    }
+}

@@ -1,0 +1,214 @@
+//! The HTTP API's JSON shapes, shared by the server and the CLI client.
+
+use std::collections::BTreeMap;
+
+use mutual_core::derive::derive_state;
+use mutual_core::{JobState, JobView, Resources};
+use serde::{Deserialize, Serialize};
+
+/// One execution attempt of a job, from its records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The epoch (attempt number, from 1).
+    pub epoch: u64,
+    /// The winning node of the epoch.
+    pub node: String,
+    /// The fencing token handed to the execution.
+    pub fencing_token: String,
+    /// When it claimed (HLC, ms since the Unix epoch).
+    pub claimed_at_ms: u64,
+    /// When it started, if it did.
+    pub started_at_ms: Option<u64>,
+    /// When its result was written, if it was.
+    pub finished_at_ms: Option<u64>,
+    /// Its exit code, if it finished.
+    pub exit_code: Option<i32>,
+    /// It was killed at the timeout.
+    pub timed_out: bool,
+    /// Why its epoch was closed, if it was (`failed`, `holder_dead`, `gave_up`).
+    pub expired: Option<String>,
+}
+
+/// A job as `GET /v1/jobs/{id}` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// The job id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    /// The current or accepted attempt's epoch (0 before the first claim).
+    pub attempt: u64,
+    /// The node running it, or that produced the accepted result.
+    pub node: Option<String>,
+    /// The accepted result's exit code.
+    pub exit_code: Option<i32>,
+    /// The fencing token of the current or accepted execution.
+    pub fencing_token: Option<String>,
+    /// Failed attempts counted against `max_attempts`.
+    pub attempts_used: u32,
+    /// Allowed failed attempts.
+    pub max_attempts: u32,
+    /// The command.
+    pub command: Vec<String>,
+    /// Resources asked for.
+    pub resources: Resources,
+    /// Required labels.
+    pub labels: BTreeMap<String, String>,
+    /// Timeout, if any.
+    pub timeout_ms: Option<u64>,
+    /// When it was accepted (ms since the Unix epoch).
+    pub submitted_at_ms: u64,
+    /// The node that accepted it.
+    pub submitter: String,
+    /// Every attempt, oldest first.
+    pub attempts: Vec<Attempt>,
+}
+
+/// Builds the status of a job from its view; `None` before its spec arrived.
+pub fn job_status(view: &JobView) -> Option<JobStatus> {
+    let spec = view.spec.as_ref()?;
+    let d = derive_state(view);
+    let current = match &d.state {
+        JobState::Claimed { token } | JobState::Running { token } => Some(*token),
+        JobState::Succeeded { token } => Some(*token),
+        JobState::Failed { token } => *token,
+        _ => d.winners.values().next_back().copied(),
+    };
+    let state = match d.state {
+        JobState::Queued { .. } | JobState::Claimed { .. } => "queued",
+        other => other.name(),
+    };
+    let exit_code = d
+        .accepted
+        .as_ref()
+        .map(|(_, r)| r.outcome.exit_code)
+        .or_else(|| {
+            current
+                .filter(|_| d.state.is_terminal())
+                .and_then(|t| view.results.get(&(t.epoch, t.node)))
+                .map(|r| r.outcome.exit_code)
+        });
+    let attempts = d
+        .winners
+        .iter()
+        .map(|(epoch, token)| {
+            let result = view.results.get(&(*epoch, token.node));
+            let expired = view
+                .expiries
+                .iter()
+                .find(|((e, _), _)| e == epoch)
+                .map(|(_, r)| {
+                    serde_json::to_value(r.reason)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                });
+            Attempt {
+                epoch: u64::from(epoch.0),
+                node: token.node.to_string(),
+                fencing_token: token.to_string(),
+                claimed_at_ms: token.hlc.as_millis(),
+                started_at_ms: view
+                    .starts
+                    .get(&(*epoch, token.node))
+                    .map(|h| h.as_millis()),
+                finished_at_ms: result.map(|r| r.hlc.as_millis()),
+                exit_code: result.map(|r| r.outcome.exit_code),
+                timed_out: result.is_some_and(|r| r.outcome.timed_out),
+                expired,
+            }
+        })
+        .collect();
+    Some(JobStatus {
+        id: spec.id.to_string(),
+        name: spec.name.clone(),
+        namespace: spec.namespace.clone(),
+        state: state.to_string(),
+        attempt: current.map_or(0, |t| u64::from(t.epoch.0)),
+        node: current
+            .filter(|_| state != "queued")
+            .map(|t| t.node.to_string()),
+        exit_code,
+        fencing_token: current.map(|t| t.to_string()),
+        attempts_used: d.attempts_used,
+        max_attempts: spec.max_attempts,
+        command: spec.command.clone(),
+        resources: spec.resources,
+        labels: spec.labels.clone(),
+        timeout_ms: spec.timeout_ms,
+        submitted_at_ms: spec.submitted_at.as_millis(),
+        submitter: spec.submitter.to_string(),
+        attempts,
+    })
+}
+
+/// A node as `GET /v1/nodes` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node id.
+    pub id: String,
+    /// Whether the answering node believes it alive.
+    pub alive: bool,
+    /// Its HTTP API.
+    pub http: Option<String>,
+    /// Its peer addresses.
+    pub addrs: Vec<String>,
+    /// What it offers.
+    pub capacity: Resources,
+    /// What is free now.
+    pub free: Resources,
+    /// Execution slots.
+    pub slots: u32,
+    /// Free slots.
+    pub free_slots: u32,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Whether it runs containers.
+    pub containers: bool,
+    /// Jobs it runs now.
+    pub running: Vec<String>,
+    /// True for the node that answered.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// Details of an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable machine-readable code (`invalid_request`, `not_found`, …).
+    pub code: String,
+    /// A sentence for people.
+    pub message: String,
+    /// The request field at fault, if one is.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub field: Option<String>,
+}
+
+/// Answer to `DELETE /v1/jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelReply {
+    /// The job.
+    pub id: String,
+    /// `cancelled` if a cancel was recorded; `already_<state>` if it had ended.
+    pub outcome: String,
+    /// The job's state after the request.
+    pub state: String,
+}
+
+/// Answer to `GET /v1/ticket`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketReply {
+    /// A ticket to join this node's cluster.
+    pub ticket: String,
+}

@@ -1,0 +1,183 @@
+//! What nodes say to each other, and how it is framed on an iroh QUIC stream.
+//!
+//! Every connection carries one unidirectional stream from the connecting node: a
+//! [`Msg::Hello`] first (the cluster-secret proof), then any number of messages. Answers
+//! travel on the other node's own connection, so every exchange is one-way and a slow or
+//! dead peer never blocks a sender. Frames are a 4-byte big-endian length and a postcard
+//! body; anything longer than [`MAX_FRAME_BYTES`] is refused and the connection dropped.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use mutual_core::{JobId, NodeId, Resources};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The one ALPN of the node protocol.
+pub const ALPN: &[u8] = b"mutual/node/1";
+/// Largest frame accepted.
+pub const MAX_FRAME_BYTES: usize = 8 << 20;
+/// Most job documents in one [`Msg::Docs`] (large answers are split).
+pub const MAX_DOCS_PER_MSG: usize = 512;
+/// Most bytes of documents in one [`Msg::Docs`] before it is split.
+pub const DOCS_MSG_BYTES: usize = 2 << 20;
+/// Most entries in one anti-entropy digest.
+pub const MAX_DIGEST_JOBS: usize = 200_000;
+/// Most members in one [`Msg::Members`].
+pub const MAX_MEMBERS: usize = 4_096;
+/// Most running jobs a node lists in its [`NodeInfo`].
+pub const MAX_RUNNING_LISTED: usize = 256;
+
+/// What a node tells everyone about itself (resources, load), disseminated on change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node (its iroh endpoint id).
+    pub id: NodeId,
+    /// Where it listens for peers.
+    pub addrs: Vec<SocketAddr>,
+    /// Its HTTP API, if it serves one.
+    pub http: Option<String>,
+    /// Orders updates from the same node: (boot time in ms, counter).
+    pub version: (u64, u64),
+    /// What it offers.
+    pub capacity: Resources,
+    /// Free resources now.
+    pub free: Resources,
+    /// Execution slots.
+    pub slots: u32,
+    /// Free execution slots now.
+    pub free_slots: u32,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Whether it can run container jobs.
+    pub containers: bool,
+    /// Jobs it runs now (at most [`MAX_RUNNING_LISTED`]).
+    pub running: Vec<JobId>,
+}
+
+/// One message between nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Msg {
+    /// First frame of every connection: who I am, and proof that I hold the cluster secret.
+    Hello {
+        /// `ticket::hello_proof(secret, from, to)`.
+        proof: [u8; 32],
+        /// The sender.
+        info: NodeInfo,
+    },
+    /// The members the sender knows (on join, and in membership anti-entropy).
+    Members(Vec<NodeInfo>),
+    /// The sender's own updated info.
+    Info(NodeInfo),
+    /// New automerge changes of one job document, pushed as soon as they are durable.
+    Changes {
+        /// The job.
+        job: JobId,
+        /// Encoded automerge changes, in order.
+        changes: Vec<Vec<u8>>,
+    },
+    /// Failure-detector probe.
+    Probe,
+    /// Answer to a probe.
+    Ack,
+    /// The sender judged `node` dead.
+    Down(NodeId),
+    /// `node` is alive (a refutation, or a node judged dead answered).
+    Up(NodeId),
+    /// Anti-entropy: the sender's fingerprint of every job it holds.
+    Digest {
+        /// (job, fingerprint of its record set).
+        jobs: Vec<(JobId, u64)>,
+        /// Whether the receiver should answer with its own digest if it lacks anything.
+        reply: bool,
+    },
+    /// Anti-entropy: whole saved documents the receiver lacks or differs on.
+    Docs {
+        /// (job, saved automerge document).
+        docs: Vec<(JobId, Vec<u8>)>,
+        /// The sender is caught up (not restarting); a restarted node may go active.
+        caught_up: bool,
+    },
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed or ended.
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// Longer than [`MAX_FRAME_BYTES`].
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME_BYTES}")]
+    TooLarge(usize),
+    /// Not a message.
+    #[error("undecodable frame: {0}")]
+    Decode(#[from] postcard::Error),
+}
+
+/// Encodes one frame.
+pub fn encode(msg: &Msg) -> Result<Vec<u8>, FrameError> {
+    let body = postcard::to_stdvec(msg)?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    let mut out = Vec::with_capacity(body.len() + 4);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Writes pre-encoded frames.
+pub async fn write_frames<W: AsyncWrite + Unpin>(w: &mut W, frames: &[u8]) -> std::io::Result<()> {
+    w.write_all(frames).await
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of stream. Returns the message and its
+/// size on the wire.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<Option<(Msg, usize)>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if n > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(n));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await?;
+    Ok(Some((postcard::from_bytes(&body)?, n + 4)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_limits_hold() {
+        let msg = Msg::Down(NodeId::from_index(3));
+        let mut bytes = encode(&msg).expect("encode");
+        bytes.extend(encode(&Msg::Probe).expect("encode"));
+        let mut r = &bytes[..];
+        assert!(
+            matches!(read_frame(&mut r).await, Ok(Some((Msg::Down(n), _))) if n == NodeId::from_index(3))
+        );
+        assert!(matches!(
+            read_frame(&mut r).await,
+            Ok(Some((Msg::Probe, _)))
+        ));
+        assert!(matches!(read_frame(&mut r).await, Ok(None)));
+        let huge = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &huge[..]).await,
+            Err(FrameError::TooLarge(_))
+        ));
+        let garbage = [0, 0, 0, 2, 0xff, 0xff];
+        assert!(matches!(
+            read_frame(&mut &garbage[..]).await,
+            Err(FrameError::Decode(_))
+        ));
+    }
+}
