@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod exec;
+pub mod harness;
 pub mod net;
 pub mod node;
 pub mod store;
