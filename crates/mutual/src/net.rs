@@ -95,11 +95,6 @@ impl Link {
     }
 }
 
-/// Converts a node id to the iroh key it is.
-pub fn public_key(id: &NodeId) -> Option<PublicKey> {
-    PublicKey::from_bytes(id.as_bytes()).ok()
-}
-
 /// The address to dial a peer at.
 pub fn endpoint_addr(key: PublicKey, addrs: &[SocketAddr]) -> EndpointAddr {
     addrs
@@ -125,26 +120,34 @@ impl Transport {
         *self.endpoint.id().as_bytes()
     }
 
-    /// Starts a link to `peer` at `addrs`; `hello` is our current info.
-    pub fn link(&self, peer: NodeId, addrs: Vec<SocketAddr>, hello: NodeInfo) -> Link {
+    /// Starts a link to `peer`, whose endpoint (this boot) is `endpoint` at `addrs`;
+    /// `hello` is our current info.
+    pub fn link(
+        &self,
+        peer: NodeId,
+        endpoint: [u8; 32],
+        addrs: Vec<SocketAddr>,
+        hello: NodeInfo,
+    ) -> Link {
         let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
         let t = self.clone();
-        tokio::spawn(async move { t.run_link(peer, addrs, hello, rx).await });
+        tokio::spawn(async move { t.run_link(peer, endpoint, addrs, hello, rx).await });
         Link { tx }
     }
 
     async fn run_link(
         self,
         peer: NodeId,
+        endpoint: [u8; 32],
         addrs: Vec<SocketAddr>,
         hello: NodeInfo,
         mut rx: mpsc::Receiver<Arc<Vec<u8>>>,
     ) {
-        let Some(key) = public_key(&peer) else {
+        let Ok(key) = PublicKey::from_bytes(&endpoint) else {
             return;
         };
         let addr = endpoint_addr(key, &addrs);
-        let proof = hello_proof(&self.secret, &self.me(), peer.as_bytes());
+        let proof = hello_proof(&self.secret, &self.me(), &endpoint);
         let Ok(hello) = wire::encode(&Msg::Hello { proof, info: hello }) else {
             return;
         };
@@ -233,7 +236,7 @@ impl Transport {
         let first = tokio::time::timeout(HELLO_TIMEOUT, wire::read_frame(&mut recv)).await;
         let info = match first {
             Ok(Ok(Some((Msg::Hello { proof, info }, _))))
-                if info.id.as_bytes() == remote.as_bytes()
+                if &info.endpoint == remote.as_bytes()
                     && proof_matches(
                         &proof,
                         &hello_proof(&self.secret, remote.as_bytes(), &self.me()),

@@ -227,7 +227,8 @@ fn cluster_secret(dir: &Path, join: &[Ticket]) -> anyhow::Result<ClusterSecret> 
 pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let key = read_or_create_key(&cfg.data_dir.join("node.key"))?;
+    let identity = read_or_create_key(&cfg.data_dir.join("node.key"))?;
+    let id = NodeId(*identity.public().as_bytes());
     let secret = cluster_secret(&cfg.data_dir, &cfg.join)?;
     let transport_config = iroh::endpoint::QuicTransportConfig::builder()
         .keep_alive_interval(Duration::from_secs(1))
@@ -236,7 +237,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         ))
         .build();
     let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
-        .secret_key(key)
+        .secret_key(iroh::SecretKey::generate())
         .alpns(vec![wire::ALPN.to_vec()])
         .relay_mode(iroh::RelayMode::Disabled)
         .transport_config(transport_config)
@@ -246,7 +247,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         .bind()
         .await
         .with_context(|| format!("binding the peer endpoint on {}", cfg.listen))?;
-    let id = NodeId(*endpoint.id().as_bytes());
+    let endpoint_id = *endpoint.id().as_bytes();
     let mut addrs: Vec<SocketAddr> = endpoint.bound_sockets();
     if addrs.iter().any(|a| a.ip().is_unspecified()) {
         // Bound to every interface: advertise what iroh found on the host.
@@ -258,7 +259,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
     addrs.truncate(crate::ticket::MAX_TICKET_ADDRS);
     let ticket = Ticket {
         secret,
-        endpoint: id.0,
+        endpoint: endpoint_id,
         addrs: addrs.clone(),
         relay: cfg.relay.clone(),
     };
@@ -330,6 +331,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         running: HashMap::new(),
         int_tx,
         version: (now, 0),
+        endpoint: endpoint_id,
         addrs,
         http,
         info_dirty: true,
@@ -346,9 +348,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         node.compact();
     }
     for t in &node.cfg.join.clone() {
-        let peer = NodeId(t.endpoint);
-        if peer != id {
-            node.ensure_member(placeholder_info(peer, t.addrs.clone()), now);
+        // Until it answers, a --join member is known only by its endpoint: it stands in
+        // under that key with version (0, 0), and is replaced by its hello.
+        if t.endpoint != endpoint_id {
+            node.ensure_member(placeholder_info(t.endpoint, t.addrs.clone()), now);
         }
     }
     for m in stored_members {
@@ -368,9 +371,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
     })
 }
 
-fn placeholder_info(id: NodeId, addrs: Vec<SocketAddr>) -> NodeInfo {
+fn placeholder_info(endpoint: [u8; 32], addrs: Vec<SocketAddr>) -> NodeInfo {
     NodeInfo {
-        id,
+        id: NodeId(endpoint),
+        endpoint,
         addrs,
         http: None,
         version: (0, 0),
@@ -436,6 +440,7 @@ struct Node {
     running: HashMap<JobId, Exec>,
     int_tx: mpsc::UnboundedSender<Internal>,
     version: (u64, u64),
+    endpoint: [u8; 32],
     addrs: Vec<SocketAddr>,
     http: Option<String>,
     info_dirty: bool,
@@ -675,6 +680,7 @@ impl Node {
             });
         NodeInfo {
             id: self.id,
+            endpoint: self.endpoint,
             addrs: self.addrs.clone(),
             http: self.http.clone(),
             version: self.version,
@@ -708,7 +714,9 @@ impl Node {
                     return;
                 }
                 // A new boot (restart) or new addresses: the old connection is dead.
-                let relink = info.version.0 != m.info.version.0 || info.addrs != m.info.addrs;
+                let relink = info.version.0 != m.info.version.0
+                    || info.addrs != m.info.addrs
+                    || info.endpoint != m.info.endpoint;
                 if info != m.info {
                     self.members_dirty = true;
                 }
@@ -730,7 +738,9 @@ impl Node {
         };
         if relink && !info.addrs.is_empty() {
             let hello = self.my_info();
-            let link = self.transport.link(id, info.addrs.clone(), hello);
+            let link = self
+                .transport
+                .link(id, info.endpoint, info.addrs.clone(), hello);
             self.links.insert(id, link);
         }
     }
@@ -910,6 +920,17 @@ impl Node {
         match ev {
             NetEvent::Hello(info) => {
                 let id = info.id;
+                let stand_in = NodeId(info.endpoint);
+                if stand_in != id
+                    && self
+                        .members
+                        .get(&stand_in)
+                        .is_some_and(|m| m.info.version == (0, 0))
+                {
+                    self.members.remove(&stand_in);
+                    self.links.remove(&stand_in);
+                    self.rebuild_detector(now);
+                }
                 let new = !self.members.contains_key(&id);
                 self.ensure_member(info, now);
                 if !matches!(*self.joined.borrow(), Some(Ok(()))) {

@@ -31,8 +31,12 @@ pub const MAX_RUNNING_LISTED: usize = 256;
 /// What a node tells everyone about itself (resources, load), disseminated on change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
-    /// The node (its iroh endpoint id).
+    /// The node (stable across restarts).
     pub id: NodeId,
+    /// Its iroh endpoint id for this boot. A node takes a fresh endpoint key every time it
+    /// starts: iroh 1.4 keeps per-endpoint-id path state, and dials to an endpoint id that
+    /// came back at a new address hung until the process was restarted (seen here).
+    pub endpoint: [u8; 32],
     /// Where it listens for peers.
     pub addrs: Vec<SocketAddr>,
     /// Its HTTP API, if it serves one.

@@ -1,0 +1,405 @@
+//! Real clusters: `mutual node` processes on loopback with OS-chosen ports, talking over
+//! iroh, killed with SIGKILL. Every test asserts outcomes the user sees through the API.
+//!
+//! The tests take a lock so that only one cluster runs at a time: they share two cores,
+//! and a starved node is (correctly) judged dead, which would make timings meaningless.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mutual::client::Client;
+use mutual::harness::{LocalNode, start_cluster};
+use mutual::types::JobStatus;
+use mutual_core::{JobRequest, Resources};
+use mutual_tests::mutual_bin;
+
+static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+fn sh(script: &str) -> JobRequest {
+    JobRequest {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        resources: Some(Resources {
+            cpu_millis: 100,
+            memory_bytes: 16 << 20,
+            gpus: 0,
+        }),
+        ..JobRequest::default()
+    }
+}
+
+/// A scratch directory for one test; kept (and printed) when `MUTUAL_TEST_KEEP` is set,
+/// to read the nodes' logs after a failure.
+fn scratch() -> tempfile::TempDir {
+    let mut dir = tempfile::Builder::new()
+        .prefix("mutual-test-")
+        .tempdir()
+        .expect("tempdir");
+    if std::env::var_os("MUTUAL_TEST_KEEP").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+        dir.disable_cleanup(true);
+    }
+    dir
+}
+
+fn is_terminal(s: &JobStatus) -> bool {
+    matches!(s.state.as_str(), "succeeded" | "failed" | "cancelled")
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics with `what` after `secs`.
+fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_all_terminal(c: &Client, ids: &[String], secs: u64) -> BTreeMap<String, JobStatus> {
+    eventually(secs, "every job ends", || {
+        let all = c.jobs(None).ok()?;
+        let by_id: BTreeMap<String, JobStatus> =
+            all.into_iter().map(|s| (s.id.clone(), s)).collect();
+        ids.iter()
+            .all(|id| by_id.get(id).is_some_and(is_terminal))
+            .then_some(by_id)
+    })
+}
+
+/// What must be identical on every replica for a finished job.
+fn accepted(s: &JobStatus) -> (String, u64, Option<String>, Option<i32>, Option<String>) {
+    (
+        s.state.clone(),
+        s.attempt,
+        s.node.clone(),
+        s.exit_code,
+        s.fencing_token.clone(),
+    )
+}
+
+/// Waits until the node behind `c` reports exactly `done`'s accepted result for every job;
+/// on timeout, says which job differs and how.
+fn agree(c: &Client, ids: &[String], done: &BTreeMap<String, JobStatus>, who: &str) {
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let theirs: BTreeMap<String, JobStatus> = match c.jobs(None) {
+            Ok(l) => l.into_iter().map(|s| (s.id.clone(), s)).collect(),
+            Err(e) => {
+                last = e.to_string();
+                continue;
+            }
+        };
+        match ids
+            .iter()
+            .find(|id| theirs.get(*id).map(accepted) != Some(accepted(&done[*id])))
+        {
+            None => return,
+            Some(id) => {
+                last = format!(
+                    "job {id}: {:?} there, {:?} expected",
+                    theirs.get(id),
+                    done[id]
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{who} does not agree after 30 s: {last}");
+}
+
+fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.split_whitespace().nth(2) == Some("Z"))
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[test]
+fn five_nodes_lose_two_and_no_job_is_lost_or_accepted_twice() {
+    let _g = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let mut nodes = start_cluster(&bin, dir.path(), 5, &["--slots", "4"]).expect("cluster");
+    let a = nodes[0].client();
+    let b = nodes[1].client();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let mut job = sh("sleep 0.4");
+        job.name = Some(format!("batch-{i:03}"));
+        ids.push(a.submit(&job).expect("submit through A").id);
+    }
+    // Kill A (the node the jobs were submitted to) and one other node while jobs run.
+    eventually(20, "jobs are running", || {
+        let running = b.jobs(Some("running")).ok()?;
+        (running.len() >= 4).then_some(())
+    });
+    nodes[0].kill();
+    nodes[3].kill();
+    // Keep submitting through B.
+    for i in 0..20 {
+        let mut job = sh("sleep 0.2");
+        job.name = Some(format!("after-{i:02}"));
+        ids.push(b.submit(&job).expect("submit through B").id);
+    }
+    let done = wait_all_terminal(&b, &ids, 120);
+    for id in &ids {
+        let s = &done[id];
+        assert_eq!(s.state, "succeeded", "job {id}: {s:?}");
+        assert_eq!(s.exit_code, Some(0));
+    }
+    // Every survivor reports the same accepted result for every job.
+    let survivors = [1usize, 2, 4];
+    for &i in &survivors {
+        let c = nodes[i].client();
+        agree(&c, &ids, &done, "a survivor");
+    }
+    // Restart A from its data directory (no --join: it remembers its peers); it converges.
+    let restarted =
+        LocalNode::start(&bin, &nodes[0].dir.clone(), None, &["--slots", "4"]).expect("restart A");
+    let c = restarted.client();
+    agree(&c, &ids, &done, "the restarted node");
+    let alive = c.nodes().expect("nodes").iter().filter(|n| n.alive).count();
+    assert!(alive >= 4, "the restarted node sees {alive} live nodes");
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_cannot_join() {
+    let _g = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let nodes = start_cluster(&bin, dir.path(), 2, &[]).expect("cluster");
+    let a = nodes[0].client();
+    let id = a.submit(&sh("true")).expect("submit").id;
+    let mut ticket: mutual::ticket::Ticket = nodes[0].ticket.parse().expect("ticket");
+    ticket.secret.0[0] ^= 1;
+    let out = std::process::Command::new(&bin)
+        .args(["node", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--join-timeout", "10s", "--join", &ticket.to_string()])
+        .arg("--data-dir")
+        .arg(dir.path().join("intruder"))
+        .output()
+        .expect("run intruder");
+    assert!(!out.status.success(), "the intruder started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused"), "stderr: {err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ticket:"));
+    // It learned nothing: its data directory holds no job.
+    let wal = dir.path().join("intruder/jobs/wal.log");
+    assert!(
+        std::fs::read(&wal).map_or(true, |b| b.is_empty()),
+        "the intruder stored jobs"
+    );
+    // The cluster does not list it, and counted the refusal.
+    let listed = a.nodes().expect("nodes");
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let metrics = a.metrics().expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mutual_connections_refused_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert!(a.job(&id).is_ok());
+}
+
+#[test]
+fn cancel_and_timeout_kill_the_process() {
+    let _g = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let nodes = start_cluster(&bin, dir.path(), 2, &[]).expect("cluster");
+    let c = nodes[0].client();
+    let pid_file = dir.path().join("cancel.pid");
+    let id = c
+        .submit(&sh(&format!(
+            "echo $$ > {}; exec sleep 60",
+            pid_file.display()
+        )))
+        .expect("submit")
+        .id;
+    let pid = eventually(20, "the job starts", || read_pid(&pid_file));
+    assert!(pid_alive(pid));
+    let r = nodes[1]
+        .client()
+        .cancel(&id)
+        .expect("cancel through the other node");
+    assert_eq!(r.outcome, "cancelled");
+    eventually(10, "the cancelled process is killed", || {
+        (!pid_alive(pid)).then_some(())
+    });
+    let s = eventually(10, "cancelled everywhere", || {
+        let s = c.job(&id).ok()?;
+        (s.state == "cancelled").then_some(s)
+    });
+    assert_eq!(s.state, "cancelled");
+    // Cancelling again is not an error and changes nothing.
+    assert_eq!(c.cancel(&id).expect("cancel").outcome, "already_cancelled");
+
+    let pid_file = dir.path().join("timeout.pid");
+    let mut job = sh(&format!("echo $$ > {}; exec sleep 60", pid_file.display()));
+    job.timeout_ms = Some(1_000);
+    job.max_attempts = Some(1);
+    let id = c.submit(&job).expect("submit").id;
+    let pid = eventually(20, "the job starts", || read_pid(&pid_file));
+    let started = Instant::now();
+    eventually(15, "the timed-out process is killed", || {
+        (!pid_alive(pid)).then_some(())
+    });
+    assert!(started.elapsed() < Duration::from_secs(15));
+    let s = eventually(10, "the job fails", || {
+        let s = c.job(&id).ok()?;
+        is_terminal(&s).then_some(s)
+    });
+    assert_eq!(s.state, "failed", "{s:?}");
+    assert!(s.attempts.iter().any(|a| a.timed_out), "{s:?}");
+}
+
+#[test]
+fn a_stale_holder_is_fenced_and_its_result_is_not_accepted() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let _g = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let nodes = start_cluster(&bin, dir.path(), 3, &[]).expect("cluster");
+    let pids = dir.path().join("pids");
+    std::fs::create_dir_all(&pids).expect("mkdir");
+    // Attempt 1 runs long; a takeover (attempt 2) finishes at once.
+    let script = format!(
+        "echo $$ > {}/$MUTUAL_ATTEMPT; if [ \"$MUTUAL_ATTEMPT\" = 1 ]; then exec sleep 60; fi; exit 0",
+        pids.display()
+    );
+    let c = nodes[0].client();
+    let id = c.submit(&sh(&script)).expect("submit").id;
+    let first = eventually(20, "attempt 1 starts", || {
+        let s = c.job(&id).ok()?;
+        (s.state == "running").then_some(s)
+    });
+    let holder = first.node.clone().expect("holder");
+    let stale = nodes
+        .iter()
+        .find(|n| n.id().as_deref() == Some(holder.as_str()))
+        .expect("holder is one of ours");
+    let witness = nodes
+        .iter()
+        .find(|n| n.id().as_deref() != Some(holder.as_str()))
+        .expect("another node")
+        .client();
+    let exec_pid = eventually(10, "attempt 1's pid", || read_pid(&pids.join("1")));
+    let node_pid = Pid::from_raw(stale.child.as_ref().expect("running").id() as i32);
+    // Freeze the holder (its job keeps running in its own process group) until the others
+    // judge it dead and take the job over.
+    kill(node_pid, Signal::SIGSTOP).expect("SIGSTOP");
+    let done = eventually(30, "the job is taken over and succeeds", || {
+        let s = witness.job(&id).ok()?;
+        (s.state == "succeeded").then_some(s)
+    });
+    kill(node_pid, Signal::SIGCONT).expect("SIGCONT");
+    assert!(done.attempt >= 2, "{done:?}");
+    assert_ne!(done.node.as_deref(), Some(holder.as_str()));
+    // Brought back, the stale holder learns it was fenced and kills its execution.
+    assert!(
+        pid_alive(exec_pid),
+        "attempt 1 ended before the holder came back"
+    );
+    eventually(15, "the stale execution is killed", || {
+        (!pid_alive(exec_pid)).then_some(())
+    });
+    // Its result is not the accepted one, on any node, the stale one included.
+    std::thread::sleep(Duration::from_millis(500));
+    for n in &nodes {
+        let s = eventually(10, "every node reports the takeover's result", || {
+            let s = n.client().job(&id).ok()?;
+            (accepted(&s) == accepted(&done)).then_some(s)
+        });
+        assert_eq!(s.exit_code, Some(0));
+        assert_ne!(s.node.as_deref(), Some(holder.as_str()));
+    }
+}
+
+#[test]
+fn bad_api_input_gets_clear_errors_and_loses_nothing() {
+    let _g = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let nodes = start_cluster(&bin, dir.path(), 1, &[]).expect("cluster");
+    let c = nodes[0].client();
+    let keep = c.submit(&sh("true")).expect("submit").id;
+    let status = |r: Result<JobStatus, mutual::client::ClientError>| match r {
+        Err(e) => (e.status(), e.to_string()),
+        Ok(s) => panic!("accepted bad input: {s:?}"),
+    };
+    let (s, m) = status(c.submit_raw(b"{not json"));
+    assert_eq!(s, Some(400), "{m}");
+    let (s, m) = status(c.submit_raw(br#"{"command":["true"],"colour":"blue"}"#));
+    assert_eq!(s, Some(400));
+    assert!(m.contains("colour"), "{m}");
+    let (s, m) = status(c.submit_raw(br#"{"command":[]}"#));
+    assert_eq!(s, Some(400));
+    assert!(m.contains("command"), "{m}");
+    let (s, _) = status(c.submit_raw(&vec![b' '; 300 * 1024]));
+    assert_eq!(s, Some(413));
+    let (s, m) = status(c.submit_raw(
+        br#"{"command":["true"],"resources":{"cpu_millis":1000,"memory_bytes":1024,"gpus":8}}"#,
+    ));
+    assert_eq!(s, Some(422), "{m}");
+    let (s, _) = status(
+        c.submit_raw(br#"{"command":["true"],"resources":{"cpu_millis":0,"memory_bytes":1024}}"#),
+    );
+    assert_eq!(s, Some(400));
+    let (s, _) = status(c.job("00000000000000000000000000000000"));
+    assert_eq!(s, Some(404));
+    let (s, _) = status(c.job("not-a-job"));
+    assert_eq!(s, Some(400));
+    let e = c
+        .cancel("00000000000000000000000000000000")
+        .expect_err("unknown job");
+    assert_eq!(e.status(), Some(404));
+    let e = c.jobs(Some("sleeping")).expect_err("bad state");
+    assert_eq!(e.status(), Some(400));
+    // Nothing was lost or added, and the node still works.
+    let jobs = c.jobs(None).expect("jobs");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].id, keep);
+    let id = c.submit(&sh("true")).expect("submit after bad input").id;
+    eventually(20, "a good job still runs", || {
+        (c.job(&id).ok()?.state == "succeeded").then_some(())
+    });
+}
+
+#[test]
+fn the_api_token_is_required_when_set() {
+    let _g = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let node = LocalNode::start(
+        &bin,
+        &dir.path().join("n"),
+        None,
+        &["--api-token", "s3cret"],
+    )
+    .expect("node");
+    let anon = Client::new(&node.http, None);
+    assert_eq!(anon.jobs(None).expect_err("no token").status(), Some(401));
+    let wrong = Client::new(&node.http, Some("nope".into()));
+    assert_eq!(wrong.nodes().expect_err("wrong token").status(), Some(401));
+    let ok = Client::new(&node.http, Some("s3cret".into()));
+    assert!(ok.jobs(None).expect("with token").is_empty());
+}
