@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crate::client::Client;
 
 /// How long a node may take to print its addresses.
-pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One node process.
 pub struct LocalNode {

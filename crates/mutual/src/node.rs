@@ -483,7 +483,7 @@ impl Node {
                 _ = ae.tick() => {
                     ae_phase += 1;
                     // Every period while active, four times as often while restarting.
-                    if self.engine.is_passive() || ae_phase % 4 == 0 {
+                    if self.engine.is_passive() || ae_phase.is_multiple_of(4) {
                         self.ae_tick();
                     }
                 }
@@ -894,6 +894,17 @@ impl Node {
                 tracing::info!("no caught-up peer answered; going active on what this node holds");
                 self.feed(now, Event::CaughtUp);
             }
+        }
+        // A member believed dead is probed now and then: if the belief was false (a
+        // refutation lost, say) its answer corrects it; watchers alone may never look.
+        if let Some(dead) = self
+            .members
+            .iter()
+            .filter(|(_, m)| !m.alive)
+            .map(|(id, _)| *id)
+            .choose(&mut rand::rng())
+        {
+            self.send(&dead, &Msg::Probe);
         }
         if let Some(peer) = self.random_alive() {
             let d = self.digest();
