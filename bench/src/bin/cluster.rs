@@ -17,6 +17,9 @@ use mutual_bench::{command_line, machine, results_dir, today};
 use mutual_core::{JobRequest, Resources};
 use serde_json::json;
 
+/// How long the big cluster sits idle while false death judgements are counted.
+const IDLE_SECONDS: u64 = 20;
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -346,7 +349,9 @@ fn big_cluster(bin: &Path, root: &Path, big: usize) -> anyhow::Result<serde_json
     let t = Instant::now();
     let nodes = start_cluster(bin, root, big, &["--slots", "2"])?;
     let formed = t.elapsed().as_secs_f64();
-    std::thread::sleep(Duration::from_secs(5));
+    let judged_forming = judged_dead_total(&nodes);
+    std::thread::sleep(Duration::from_secs(IDLE_SECONDS));
+    let judged_idle = judged_dead_total(&nodes) - judged_forming;
     let mut rss = rss_of(&nodes);
     let c = nodes[big / 2].client();
     let ids: Vec<String> = (0..200)
@@ -360,7 +365,9 @@ fn big_cluster(bin: &Path, root: &Path, big: usize) -> anyhow::Result<serde_json
         "idle_rss_mib_max": pct(&mut rss, 1.0),
         "jobs": ids.len(),
         "succeeded": ok,
-        "death_judgements_with_no_node_dead": judged_dead_total(&nodes),
+        "death_judgements_while_forming": judged_forming,
+        "death_judgements_in_idle_seconds": {"seconds": IDLE_SECONDS, "judgements": judged_idle},
+        "death_judgements_while_running_jobs": judged_dead_total(&nodes) - judged_forming - judged_idle,
     }))
 }
 

@@ -134,7 +134,11 @@ pub fn start(
             }
             Err(_) => EXIT_CANNOT_START,
         };
-        let _ = tokio::fs::remove_dir_all(&work).await;
+        // Most jobs leave their directory empty: remove it in place (cheap); only a
+        // non-empty one goes to the blocking pool for a recursive removal.
+        if std::fs::remove_dir(&work).is_err() {
+            let _ = tokio::fs::remove_dir_all(&work).await;
+        }
         done(Finished {
             job,
             token,

@@ -46,6 +46,8 @@ pub const NET_QUEUE: usize = 8_192;
 pub const PASSIVE_FALLBACK_ROUNDS: u32 = 3;
 /// Nodes believed dead near this one on the ring are re-probed once per this many ticks.
 pub const REPROBE_EVERY_TICKS: u64 = 5;
+/// A probe tick later than this many periods means this node itself was starved.
+pub const LATE_TICK_FACTOR: u64 = 3;
 /// Most jobs listed by one `GET /v1/jobs`.
 pub const MAX_LIST: usize = 10_000;
 
@@ -337,6 +339,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         info_dirty: true,
         passive_rounds: 0,
         ticks: 0,
+        last_tick_ms: now,
+        late_ticks: 0,
         detection_ms: Histogram::new([100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 5000.0]),
         judged_total: 0,
         members_dirty: false,
@@ -446,6 +450,8 @@ struct Node {
     info_dirty: bool,
     passive_rounds: u32,
     ticks: u64,
+    last_tick_ms: u64,
+    late_ticks: u64,
     detection_ms: Histogram,
     judged_total: u64,
     members_dirty: bool,
@@ -820,6 +826,23 @@ impl Node {
     fn probe_tick(&mut self) {
         let now = now_ms();
         self.ticks += 1;
+        // Local health: if this tick comes late, this node was starved (its own answers
+        // may sit unread); silence measured across the gap says nothing about the peers.
+        // Restart their clocks instead of judging them (Lifeguard's idea, simplest form).
+        let late = now.saturating_sub(self.last_tick_ms)
+            > self
+                .cfg
+                .timing
+                .probe_interval_ms
+                .saturating_mul(LATE_TICK_FACTOR);
+        self.last_tick_ms = now;
+        if late && self.ticks > 1 {
+            self.late_ticks += 1;
+            let targets: Vec<usize> = self.det.targets().collect();
+            for t in targets {
+                self.det.answered(t, now);
+            }
+        }
         let tick = self.det.tick(now);
         for p in tick.probe {
             if let Some(id) = self.det.ring().get(p).copied() {
@@ -1375,6 +1398,12 @@ impl Node {
             "connections_refused",
             "Inbound connections refused (wrong secret)",
             n.refused.load(Relaxed),
+        );
+        counter(
+            &mut reg,
+            "late_probe_ticks",
+            "Probe periods this node itself came late to (no judgement made across them)",
+            self.late_ticks,
         );
         counter(
             &mut reg,
