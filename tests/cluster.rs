@@ -403,3 +403,30 @@ fn the_api_token_is_required_when_set() {
     let ok = Client::new(&node.http, Some("s3cret".into()));
     assert!(ok.jobs(None).expect("with token").is_empty());
 }
+
+#[test]
+fn a_killed_node_leaves_no_orphaned_execution() {
+    let _g = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let mut nodes = start_cluster(&bin, dir.path(), 2, &[]).expect("cluster");
+    let pid_file = dir.path().join("orphan.pid");
+    let c = nodes[0].client();
+    let id = c
+        .submit(&sh(&format!(
+            "echo $$ > {}; exec sleep 60",
+            pid_file.display()
+        )))
+        .expect("submit")
+        .id;
+    let pid = eventually(20, "the job starts", || read_pid(&pid_file));
+    let holder = eventually(10, "the job runs", || c.job(&id).ok()?.node);
+    let victim = nodes
+        .iter()
+        .position(|n| n.id().as_deref() == Some(holder.as_str()))
+        .expect("holder is one of ours");
+    nodes[victim].kill();
+    eventually(10, "the dead node's execution is gone", || {
+        (!pid_alive(pid)).then_some(())
+    });
+}

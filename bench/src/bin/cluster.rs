@@ -17,6 +17,8 @@ use mutual_bench::{command_line, machine, results_dir, today};
 use mutual_core::{JobRequest, Resources};
 use serde_json::json;
 
+/// Jobs submitted, one at a time, to the big cluster.
+const BIG_JOBS: usize = 100;
 /// How long the big cluster sits idle while false death judgements are counted.
 const IDLE_SECONDS: u64 = 20;
 
@@ -354,17 +356,28 @@ fn big_cluster(bin: &Path, root: &Path, big: usize) -> anyhow::Result<serde_json
     let judged_idle = judged_dead_total(&nodes) - judged_forming;
     let mut rss = rss_of(&nodes);
     let c = nodes[big / 2].client();
-    let ids: Vec<String> = (0..200)
+    let t_jobs = Instant::now();
+    let ids: Vec<String> = (0..BIG_JOBS)
         .map(|_| c.submit(&job(&["true"])).map(|s| s.id))
         .collect::<Result<_, _>>()?;
-    let done = wait_done(&c, &ids, 120)?;
-    let ok = ids.iter().filter(|i| done[*i].state == "succeeded").count();
+    let submit_s = t_jobs.elapsed().as_secs_f64();
+    let outcome = match wait_done(&c, &ids, 120) {
+        Ok(done) => json!({
+            "succeeded": ids.iter().filter(|i| done[*i].state == "succeeded").count(),
+            "all_done_seconds": t_jobs.elapsed().as_secs_f64(),
+        }),
+        Err(e) => {
+            let seen = c.jobs(Some("succeeded")).map(|l| l.len()).unwrap_or(0);
+            json!({"error": format!("{e:#}"), "succeeded_when_given_up": seen})
+        }
+    };
     Ok(json!({
+        "submit_seconds": submit_s,
+        "jobs_outcome": outcome,
         "formed_seconds": formed,
         "idle_rss_mib_median": pct(&mut rss, 0.5),
         "idle_rss_mib_max": pct(&mut rss, 1.0),
         "jobs": ids.len(),
-        "succeeded": ok,
         "death_judgements_while_forming": judged_forming,
         "death_judgements_in_idle_seconds": {"seconds": IDLE_SECONDS, "judgements": judged_idle},
         "death_judgements_while_running_jobs": judged_dead_total(&nodes) - judged_forming - judged_idle,

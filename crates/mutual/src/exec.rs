@@ -5,6 +5,11 @@
 //! the node's data directory. A kill is `SIGKILL` to the whole group, sent at once: when
 //! the node learns it was fenced, when the job is cancelled, and at its timeout. A command
 //! that cannot be started ends like a shell reports it: exit code 127.
+//!
+//! When the node has a launcher ([`Launcher`], the `mutual` binary itself), the job is
+//! started through `mutual job-shim`, which asks the kernel to SIGKILL it if the node dies
+//! (`PR_SET_PDEATHSIG`) and then `exec`s the command: a SIGKILLed node leaves no orphaned
+//! execution running beside the takeover. (Children the job forks itself are not covered.)
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -54,6 +59,40 @@ impl Running {
     }
 }
 
+/// How the node starts job processes: directly, or through `mutual job-shim`.
+#[derive(Debug, Clone, Default)]
+pub struct Launcher {
+    /// The `mutual` binary, whose `job-shim` subcommand starts the command.
+    pub shim: Option<PathBuf>,
+}
+
+/// The `mutual job-shim` side: dies with `parent`, then becomes `command`. Returns only on
+/// failure, with the exit code to use.
+pub fn run_shim(parent: i32, command: &[String]) -> i32 {
+    use std::ffi::CString;
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).is_err() {
+        eprintln!("mutual job-shim: cannot ask to die with the node");
+        return EXIT_CANNOT_START;
+    }
+    // The node may have died before the request took effect.
+    if nix::unistd::getppid().as_raw() != parent {
+        return 128 + Signal::SIGKILL as i32;
+    }
+    let args: Result<Vec<CString>, _> =
+        command.iter().map(|a| CString::new(a.as_bytes())).collect();
+    let Ok(args) = args else {
+        eprintln!("mutual: the command contains a NUL byte");
+        return EXIT_CANNOT_START;
+    };
+    let Some(program) = args.first() else {
+        eprintln!("mutual: the job has no command");
+        return EXIT_CANNOT_START;
+    };
+    let err = nix::unistd::execvp(program, &args);
+    eprintln!("mutual: cannot start {:?}: {err:?}", command.first());
+    EXIT_CANNOT_START
+}
+
 /// Where an execution's logs live: `<data>/logs/<job>/<epoch>.{stdout,stderr}`.
 pub fn log_paths(data_dir: &Path, job: JobId, epoch: u64) -> (PathBuf, PathBuf) {
     let d = data_dir.join("logs").join(job.to_string());
@@ -66,6 +105,7 @@ pub fn log_paths(data_dir: &Path, job: JobId, epoch: u64) -> (PathBuf, PathBuf) 
 /// Starts `spec`'s command under `token`; `done` is called once with how it ended.
 pub fn start(
     data_dir: &Path,
+    launcher: &Launcher,
     spec: Arc<JobSpec>,
     token: FencingToken,
     done: impl FnOnce(Finished) + Send + 'static,
@@ -95,7 +135,18 @@ pub fn start(
             .command
             .split_first()
             .ok_or_else(|| std::io::Error::other("the job has no command"))?;
-        let mut cmd = tokio::process::Command::new(program);
+        let mut cmd = match &launcher.shim {
+            Some(shim) => {
+                let mut c = tokio::process::Command::new(shim);
+                c.arg("job-shim")
+                    .arg("--parent")
+                    .arg(std::process::id().to_string())
+                    .arg("--")
+                    .arg(program);
+                c
+            }
+            None => tokio::process::Command::new(program),
+        };
         cmd.args(args)
             .envs(&spec.env)
             .env("MUTUAL_JOB_ID", job.to_string())

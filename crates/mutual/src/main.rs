@@ -135,6 +135,16 @@ enum Cmd {
     },
     /// Start a local five-node cluster, run jobs, kill a node mid-run and show the takeover.
     Demo(demo::DemoArgs),
+    /// (Internal) How a node starts a job: die with the node, then run the command.
+    #[command(hide = true)]
+    JobShim {
+        /// The node's process id.
+        #[arg(long)]
+        parent: i32,
+        /// The command.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -341,6 +351,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             conn,
         } => wait(&conn.client(), &jobs, timeout, json),
         Cmd::Demo(args) => demo::run(args),
+        Cmd::JobShim { parent, command } => {
+            let code = mutual::exec::run_shim(parent, &command);
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
     }
 }
 
@@ -537,7 +551,7 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.http)
             .await
             .with_context(|| format!("--http {}: cannot listen", a.http))?;
@@ -555,6 +569,9 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
                 failure_timeout_ms: a.failure_timeout,
                 ae_interval_ms: a.ae_interval.max(1),
                 ..Timing::default()
+            },
+            launcher: mutual::exec::Launcher {
+                shim: std::env::current_exe().ok(),
             },
         };
         let mut started = mutual::node::start(cfg).await?;
@@ -613,5 +630,8 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
         }
         tracing::info!("stopping");
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Everything acknowledged is on disk already; do not wait for idle tasks.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result
 }

@@ -31,6 +31,10 @@ pub const REFUSED: u32 = 1;
 pub const LINK_QUEUE_FRAMES: usize = 4_096;
 /// Most bytes written to a peer in one batch.
 pub const LINK_BATCH_BYTES: usize = 256 * 1024;
+/// A link with nothing to send for this long closes its connection (and redials on the
+/// next message): idle QUIC connections are not free, and a full mesh of them cost 100
+/// nodes on one machine more CPU than they had.
+pub const LINK_IDLE: Duration = Duration::from_secs(5);
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an inbound connection has to present its hello.
@@ -152,7 +156,16 @@ impl Transport {
             return;
         };
         let mut backoff = BACKOFF_MIN;
+        // A link holds a connection only while it has something to send: the frame that
+        // woke it waits here until a connection is up.
+        let mut pending: Option<Arc<Vec<u8>>> = None;
         loop {
+            if pending.is_none() {
+                match rx.recv().await {
+                    Some(f) => pending = Some(f),
+                    None => return,
+                }
+            }
             let conn = match tokio::time::timeout(
                 CONNECT_TIMEOUT,
                 self.endpoint.connect(addr.clone(), wire::ALPN),
@@ -170,16 +183,15 @@ impl Transport {
                     continue;
                 }
             };
-            match self.pump(&conn, &hello, &mut rx).await {
+            backoff = BACKOFF_MIN;
+            match self.pump(&conn, &hello, &mut rx, &mut pending).await {
                 Pump::Closed => return,
                 Pump::Refused(reason) => {
                     let _ = self.events.send(NetEvent::Refused { peer, reason }).await;
                     return;
                 }
-                Pump::Broken => {
-                    backoff = BACKOFF_MIN;
-                    tokio::time::sleep(backoff).await;
-                }
+                Pump::Idle => conn.close(VarInt::from_u32(0), b"idle"),
+                Pump::Broken => tokio::time::sleep(BACKOFF_MIN).await,
             }
         }
     }
@@ -189,37 +201,44 @@ impl Transport {
         conn: &Connection,
         hello: &[u8],
         rx: &mut mpsc::Receiver<Arc<Vec<u8>>>,
+        pending: &mut Option<Arc<Vec<u8>>>,
     ) -> Pump {
         let Ok(mut send) = conn.open_uni().await else {
             return Pump::Broken;
         };
-        if send.write_all(hello).await.is_err() {
-            return refused_or_broken(conn).await;
-        }
         let mut buf = Vec::with_capacity(LINK_BATCH_BYTES);
+        buf.extend_from_slice(hello);
         loop {
+            if let Some(f) = pending.take() {
+                buf.extend_from_slice(&f);
+            }
+            while buf.len() < LINK_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(f) => buf.extend_from_slice(&f),
+                    Err(_) => break,
+                }
+            }
+            if !buf.is_empty() {
+                if send.write_all(&buf).await.is_err() {
+                    return refused_or_broken(conn).await;
+                }
+                self.stats
+                    .bytes_out
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                buf.clear();
+            }
             tokio::select! {
                 frame = rx.recv() => {
                     let Some(frame) = frame else {
                         conn.close(VarInt::from_u32(0), b"bye");
                         return Pump::Closed;
                     };
-                    buf.clear();
-                    buf.extend_from_slice(&frame);
-                    while buf.len() < LINK_BATCH_BYTES {
-                        match rx.try_recv() {
-                            Ok(f) => buf.extend_from_slice(&f),
-                            Err(_) => break,
-                        }
-                    }
-                    if send.write_all(&buf).await.is_err() {
-                        return refused_or_broken(conn).await;
-                    }
-                    self.stats.bytes_out.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    *pending = Some(frame);
                 }
                 reason = conn.closed() => {
                     return classify(reason);
                 }
+                _ = tokio::time::sleep(LINK_IDLE) => return Pump::Idle,
             }
         }
     }
@@ -279,6 +298,7 @@ impl Transport {
 
 enum Pump {
     Closed,
+    Idle,
     Broken,
     Refused(String),
 }

@@ -46,6 +46,10 @@ pub const NET_QUEUE: usize = 8_192;
 pub const PASSIVE_FALLBACK_ROUNDS: u32 = 3;
 /// Nodes believed dead near this one on the ring are re-probed once per this many ticks.
 pub const REPROBE_EVERY_TICKS: u64 = 5;
+/// QUIC keep-alive period on peer connections.
+pub const QUIC_KEEP_ALIVE_S: u64 = 20;
+/// A peer connection silent this long is closed (and redialled on the next send).
+pub const QUIC_IDLE_TIMEOUT_S: u64 = 60;
 /// A probe tick later than this many periods means this node itself was starved.
 pub const LATE_TICK_FACTOR: u64 = 3;
 /// Most jobs listed by one `GET /v1/jobs`.
@@ -94,6 +98,8 @@ pub struct NodeConfig {
     pub relay: Option<String>,
     /// Protocol timing.
     pub timing: Timing,
+    /// How job processes are started.
+    pub launcher: exec::Launcher,
 }
 
 /// A request from the HTTP API to the actor.
@@ -233,9 +239,14 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
     let id = NodeId(*identity.public().as_bytes());
     let secret = cluster_secret(&cfg.data_dir, &cfg.join)?;
     let transport_config = iroh::endpoint::QuicTransportConfig::builder()
-        .keep_alive_interval(Duration::from_secs(1))
+        // Liveness is the detector's job (probes to two ring neighbours), not QUIC's: a
+        // full mesh with 1 s keep-alives cost 100 idle nodes on one machine more CPU than
+        // they had. Idle connections may lapse; a link redials when it next sends.
+        .keep_alive_interval(Duration::from_secs(QUIC_KEEP_ALIVE_S))
         .max_idle_timeout(Some(
-            Duration::from_secs(5).try_into().context("idle timeout")?,
+            Duration::from_secs(QUIC_IDLE_TIMEOUT_S)
+                .try_into()
+                .context("idle timeout")?,
         ))
         .build();
     let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
@@ -540,9 +551,15 @@ impl Node {
                     job, token, spec, ..
                 } => {
                     let tx = self.int_tx.clone();
-                    let running = exec::start(&self.cfg.data_dir, spec, token, move |f| {
-                        let _ = tx.send(Internal::Exec(f));
-                    });
+                    let running = exec::start(
+                        &self.cfg.data_dir,
+                        &self.cfg.launcher,
+                        spec,
+                        token,
+                        move |f| {
+                            let _ = tx.send(Internal::Exec(f));
+                        },
+                    );
                     self.running.insert(
                         job,
                         Exec {
@@ -1448,7 +1465,12 @@ fn node_status(info: &NodeInfo, alive: bool, is_self: bool) -> NodeStatus {
         free_slots: info.free_slots,
         labels: info.labels.clone(),
         containers: info.containers,
-        running: info.running.iter().map(|j| j.to_string()).collect(),
+        // A node believed dead runs nothing we can count on; its last report would mislead.
+        running: if alive {
+            info.running.iter().map(|j| j.to_string()).collect()
+        } else {
+            Vec::new()
+        },
         is_self,
     }
 }
