@@ -34,7 +34,7 @@ pub const LINK_BATCH_BYTES: usize = 256 * 1024;
 /// A link with nothing to send for this long closes its connection (and redials on the
 /// next message): idle QUIC connections are not free, and a full mesh of them cost 100
 /// nodes on one machine more CPU than they had.
-pub const LINK_IDLE: Duration = Duration::from_secs(5);
+pub const LINK_IDLE: Duration = Duration::from_secs(15);
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long an inbound connection has to present its hello.

@@ -983,6 +983,12 @@ impl Node {
                     self.rebuild_detector(now);
                 }
                 let new = !self.members.contains_key(&id);
+                // A new member or a new boot needs anti-entropy now; a link that merely
+                // reconnected after going idle does not.
+                let reboot = self
+                    .members
+                    .get(&id)
+                    .is_some_and(|m| m.info.version.0 != info.version.0 || !m.alive);
                 self.ensure_member(info, now);
                 if !matches!(*self.joined.borrow(), Some(Ok(()))) {
                     self.joined.send_replace(Some(Ok(())));
@@ -997,14 +1003,16 @@ impl Node {
                         .collect();
                     self.send(&id, &Msg::Members(list));
                 }
-                let d = self.digest();
-                self.send(
-                    &id,
-                    &Msg::Digest {
-                        jobs: d,
-                        reply: true,
-                    },
-                );
+                if new || reboot {
+                    let d = self.digest();
+                    self.send(
+                        &id,
+                        &Msg::Digest {
+                            jobs: d,
+                            reply: true,
+                        },
+                    );
+                }
             }
             NetEvent::Refused { peer, reason } => {
                 tracing::error!(%peer, "refused our hello: {reason}");
