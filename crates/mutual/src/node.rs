@@ -357,7 +357,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         members_dirty: false,
         joined: joined_tx,
     };
-    node.run_cmds(now, boot_cmds, None);
+    node.run_cmds(boot_cmds, None);
     // Compact at once: the next start loads one snapshot instead of a long log.
     if restarted {
         node.compact();
@@ -511,14 +511,14 @@ impl Node {
 
     fn feed(&mut self, now: u64, ev: Event) {
         match self.engine.handle(now, ev) {
-            Ok(cmds) => self.run_cmds(now, cmds, None),
+            Ok(cmds) => self.run_cmds(cmds, None),
             Err(e) => tracing::warn!("event refused: {e}"),
         }
     }
 
     /// Executes engine commands. Records are written to their documents and appended to
     /// the log in one batch; pushes and `ack` happen when the batch is durable.
-    fn run_cmds(&mut self, now: u64, cmds: Vec<Command>, ack: Option<Ack>) {
+    fn run_cmds(&mut self, cmds: Vec<Command>, ack: Option<Ack>) {
         let mut frames = Vec::new();
         let mut pushes: BTreeMap<JobId, Vec<Vec<u8>>> = BTreeMap::new();
         for c in cmds {
@@ -582,7 +582,6 @@ impl Node {
                 }
             }
         }
-        let _ = now;
         if frames.is_empty() && ack.is_none() {
             return;
         }
@@ -1255,7 +1254,7 @@ impl Node {
                     return;
                 }
                 match self.engine.submit(now, request) {
-                    Ok((id, cmds)) => self.run_cmds(now, cmds, Some(Ack::Submit(id, reply))),
+                    Ok((id, cmds)) => self.run_cmds(cmds, Some(Ack::Submit(id, reply))),
                     Err(EngineError::Spec(e)) => {
                         let _ = reply.send(Err(ApiError::Invalid {
                             field: Some(e.field.clone()),
@@ -1290,7 +1289,7 @@ impl Node {
             }
             ApiReq::Cancel(id, reply) => match self.engine.cancel(now, id) {
                 Ok((outcome, cmds)) => {
-                    self.run_cmds(now, cmds, Some(Ack::Cancel(id, outcome, reply)));
+                    self.run_cmds(cmds, Some(Ack::Cancel(id, outcome, reply)));
                 }
                 Err(_) => {
                     let _ = reply.send(Err(ApiError::NotFound(id.to_string())));
