@@ -49,6 +49,23 @@ fn scratch() -> tempfile::TempDir {
     dir
 }
 
+/// One test's cluster: the lock, its scratch directory, the binary, and `n` nodes.
+fn cluster(
+    n: usize,
+    extra: &[&str],
+) -> (
+    std::sync::MutexGuard<'static, ()>,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    Vec<LocalNode>,
+) {
+    let guard = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let nodes = start_cluster(&bin, dir.path(), n, extra).expect("cluster");
+    (guard, dir, bin, nodes)
+}
+
 fn is_terminal(s: &JobStatus) -> bool {
     matches!(s.state.as_str(), "succeeded" | "failed" | "cancelled")
 }
@@ -133,10 +150,7 @@ fn read_pid(path: &Path) -> Option<i32> {
 
 #[test]
 fn five_nodes_lose_two_and_no_job_is_lost_or_accepted_twice() {
-    let _g = lock();
-    let dir = scratch();
-    let bin = mutual_bin();
-    let mut nodes = start_cluster(&bin, dir.path(), 5, &["--slots", "4"]).expect("cluster");
+    let (_g, _dir, bin, mut nodes) = cluster(5, &["--slots", "4"]);
     let a = nodes[0].client();
     let b = nodes[1].client();
     let mut ids = Vec::new();
@@ -181,10 +195,7 @@ fn five_nodes_lose_two_and_no_job_is_lost_or_accepted_twice() {
 
 #[test]
 fn a_node_with_the_wrong_secret_cannot_join() {
-    let _g = lock();
-    let dir = scratch();
-    let bin = mutual_bin();
-    let nodes = start_cluster(&bin, dir.path(), 2, &[]).expect("cluster");
+    let (_g, dir, bin, nodes) = cluster(2, &[]);
     let a = nodes[0].client();
     let id = a.submit(&sh("true")).expect("submit").id;
     let mut ticket: mutual::ticket::Ticket = nodes[0].ticket.parse().expect("ticket");
@@ -221,10 +232,7 @@ fn a_node_with_the_wrong_secret_cannot_join() {
 
 #[test]
 fn cancel_and_timeout_kill_the_process() {
-    let _g = lock();
-    let dir = scratch();
-    let bin = mutual_bin();
-    let nodes = start_cluster(&bin, dir.path(), 2, &[]).expect("cluster");
+    let (_g, dir, _, nodes) = cluster(2, &[]);
     let c = nodes[0].client();
     let pid_file = dir.path().join("cancel.pid");
     let id = c
@@ -275,10 +283,7 @@ fn cancel_and_timeout_kill_the_process() {
 fn a_stale_holder_is_fenced_and_its_result_is_not_accepted() {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
-    let _g = lock();
-    let dir = scratch();
-    let bin = mutual_bin();
-    let nodes = start_cluster(&bin, dir.path(), 3, &[]).expect("cluster");
+    let (_g, dir, _, nodes) = cluster(3, &[]);
     let pids = dir.path().join("pids");
     std::fs::create_dir_all(&pids).expect("mkdir");
     // Attempt 1 runs long; a takeover (attempt 2) finishes at once.
@@ -336,10 +341,7 @@ fn a_stale_holder_is_fenced_and_its_result_is_not_accepted() {
 
 #[test]
 fn bad_api_input_gets_clear_errors_and_loses_nothing() {
-    let _g = lock();
-    let dir = scratch();
-    let bin = mutual_bin();
-    let nodes = start_cluster(&bin, dir.path(), 1, &[]).expect("cluster");
+    let (_g, _dir, _, nodes) = cluster(1, &[]);
     let c = nodes[0].client();
     let keep = c.submit(&sh("true")).expect("submit").id;
     let status = |r: Result<JobStatus, mutual::client::ClientError>| match r {
@@ -406,10 +408,7 @@ fn the_api_token_is_required_when_set() {
 
 #[test]
 fn a_killed_node_leaves_no_orphaned_execution() {
-    let _g = lock();
-    let dir = scratch();
-    let bin = mutual_bin();
-    let mut nodes = start_cluster(&bin, dir.path(), 2, &[]).expect("cluster");
+    let (_g, dir, _, mut nodes) = cluster(2, &[]);
     let pid_file = dir.path().join("orphan.pid");
     let c = nodes[0].client();
     let id = c

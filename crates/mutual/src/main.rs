@@ -260,6 +260,20 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a read command's answer: JSON with `--json`, else the human form.
+fn show<T: serde::Serialize + ?Sized>(
+    v: &T,
+    json: bool,
+    human: impl FnOnce(&T),
+) -> anyhow::Result<ExitCode> {
+    if json {
+        print_json(&v)?;
+    } else {
+        human(v);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Node(args) => run_node(args),
@@ -303,33 +317,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Status { job, json, conn } => {
-            let st = conn.client().job(&job)?;
-            if json {
-                print_json(&st)?;
-            } else {
-                print_status(&st);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Status { job, json, conn } => show(&conn.client().job(&job)?, json, print_status),
         Cmd::Jobs { state, json, conn } => {
-            let list = conn.client().jobs(state.as_deref())?;
-            if json {
-                print_json(&list)?;
-            } else {
-                print_jobs(&list);
-            }
-            Ok(ExitCode::SUCCESS)
+            show(&conn.client().jobs(state.as_deref())?, json, |l| {
+                print_jobs(l)
+            })
         }
-        Cmd::Nodes { json, conn } => {
-            let list = conn.client().nodes()?;
-            if json {
-                print_json(&list)?;
-            } else {
-                print_nodes(&list);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Cmd::Nodes { json, conn } => show(&conn.client().nodes()?, json, |l| print_nodes(l)),
         Cmd::Cancel { job, json, conn } => {
             let r = conn.client().cancel(&job)?;
             if json {

@@ -917,6 +917,20 @@ impl Node {
             .choose(&mut rand::rng())
     }
 
+    /// This node and every member it knows, for membership anti-entropy.
+    fn member_list(&mut self) -> Vec<NodeInfo> {
+        std::iter::once(self.my_info())
+            .chain(self.members.values().map(|m| m.info.clone()))
+            .take(wire::MAX_MEMBERS)
+            .collect()
+    }
+
+    /// Sends this node's anti-entropy digest to `to`.
+    fn send_digest(&self, to: &NodeId, reply: bool) {
+        let jobs = self.digest();
+        self.send(to, &Msg::Digest { jobs, reply });
+    }
+
     fn digest(&self) -> Vec<(JobId, u64)> {
         self.engine
             .views()
@@ -946,19 +960,9 @@ impl Node {
             self.send(&dead, &Msg::Probe);
         }
         if let Some(peer) = self.random_alive() {
-            let d = self.digest();
-            self.send(
-                &peer,
-                &Msg::Digest {
-                    jobs: d,
-                    reply: true,
-                },
-            );
+            self.send_digest(&peer, true);
             // Membership anti-entropy rides along: it heals one-sided member views.
-            let list: Vec<NodeInfo> = std::iter::once(self.my_info())
-                .chain(self.members.values().map(|m| m.info.clone()))
-                .take(wire::MAX_MEMBERS)
-                .collect();
+            let list = self.member_list();
             self.send(&peer, &Msg::Members(list));
         }
     }
@@ -996,21 +1000,11 @@ impl Node {
                     self.mark(id, true, now);
                 }
                 if new {
-                    let list: Vec<NodeInfo> = std::iter::once(self.my_info())
-                        .chain(self.members.values().map(|m| m.info.clone()))
-                        .take(wire::MAX_MEMBERS)
-                        .collect();
+                    let list = self.member_list();
                     self.send(&id, &Msg::Members(list));
                 }
                 if new || reboot {
-                    let d = self.digest();
-                    self.send(
-                        &id,
-                        &Msg::Digest {
-                            jobs: d,
-                            reply: true,
-                        },
-                    );
+                    self.send_digest(&id, true);
                 }
             }
             NetEvent::Refused { peer, reason } => {
@@ -1123,14 +1117,7 @@ impl Node {
                         .iter()
                         .any(|(id, f)| self.engine.view(id).map(|v| v.fingerprint()) != Some(*f));
                     if lacking {
-                        let d = self.digest();
-                        self.send(
-                            &from,
-                            &Msg::Digest {
-                                jobs: d,
-                                reply: false,
-                            },
-                        );
+                        self.send_digest(&from, false);
                     }
                 }
             }
