@@ -291,8 +291,21 @@ fn rss_of(nodes: &[LocalNode]) -> Vec<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--big-only N`: only the many-nodes part, with N nodes (for diagnosis).
+    let big_only: Option<usize> = args
+        .iter()
+        .position(|a| a == "--big-only")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok());
     let bin = mutual_bin()?;
+    if let Some(n) = big_only {
+        let root = tempfile::tempdir()?;
+        let v = big_cluster(&bin, &root.path().join("big"), n)?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     let root = tempfile::tempdir()?;
     let mut out = serde_json::Map::new();
     out.insert("command".into(), json!(command_line()));

@@ -400,6 +400,20 @@ impl Engine {
         self.stats
     }
 
+    /// Adapts the settle window and the rendezvous step to the claim propagation delay the
+    /// driver measures (both must cover it: `settle_ms` so a better claim arrives before
+    /// this node starts, `rank_step_ms` so lower-ranked nodes see the top one's claim
+    /// before making their own). Timers already armed keep their times.
+    pub fn tune(&mut self, settle_ms: u64, rank_step_ms: u64) {
+        self.config.settle_ms = settle_ms;
+        self.config.rank_step_ms = rank_step_ms;
+    }
+
+    /// The settle window and rendezvous step in force, in ms.
+    pub fn timing(&self) -> (u64, u64) {
+        (self.config.settle_ms, self.config.rank_step_ms)
+    }
+
     /// True while restarted and not yet caught up.
     pub fn is_passive(&self) -> bool {
         self.passive

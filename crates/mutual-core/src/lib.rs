@@ -11,6 +11,7 @@
 //! - [`engine`]: the per-node claim engine (`handle(now, event) -> commands`).
 //! - [`rank`]: rendezvous ranking and the failure-detection ring.
 //! - [`membership`]: the failure detector's decisions (whom to probe, who is judged dead).
+//! - [`overlay`]: the sparse overlay (fingers on the live ring) and its broadcast tree.
 //! - [`invariants`]: one checker per invariant of `docs/invariants.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -22,6 +23,7 @@ pub mod hlc;
 pub mod ids;
 pub mod invariants;
 pub mod membership;
+pub mod overlay;
 pub mod rank;
 pub mod spec;
 pub mod token;

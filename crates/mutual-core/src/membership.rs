@@ -146,6 +146,26 @@ impl Detector {
         }
     }
 
+    /// Changes the timeout (the driver adapts it to measured round trips).
+    pub fn set_timeout(&mut self, timeout_ms: u64) {
+        self.timeout_ms = timeout_ms;
+    }
+
+    /// The timeout in force.
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+
+    /// Does not count `ms` of silence against the watched nodes: the driver calls this when
+    /// it was itself kept from running that long (its probe tick came late), since answers
+    /// it could not read then say nothing about the peers (Lifeguard's local health, in
+    /// its simplest form). A target is never credited past `now_ms`.
+    pub fn forgive(&mut self, ms: u64, now_ms: u64) {
+        for t in &mut self.targets {
+            t.1 = t.1.saturating_add(ms).min(now_ms);
+        }
+    }
+
     /// Changes the belief about `pos`; returns whether it changed (the driver then tells
     /// the engine `MemberUp`/`MemberDown` and the new cluster size).
     pub fn set(&mut self, pos: usize, alive: bool, now_ms: u64) -> bool {
@@ -213,6 +233,14 @@ mod tests {
             "the dead node inside the watch range is re-probed"
         );
         assert!(d.set(2, true, 700));
+        // A driver starved for 300 ms forgives that much silence, never beyond now.
+        d.answered(1, 700);
+        d.answered(2, 700);
+        assert_eq!(d.tick(1_250).judged, vec![1, 2]);
+        d.forgive(300, 1_250);
+        assert!(d.tick(1_250).judged.is_empty());
+        d.forgive(10_000, 1_250);
+        assert_eq!(d.tick(1_751).judged, vec![1, 2]);
         assert_eq!(d.targets().collect::<Vec<_>>(), vec![1, 2]);
         assert!(d.reprobe().is_empty());
     }

@@ -14,7 +14,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use iroh::endpoint::{Connection, VarInt};
@@ -31,9 +31,10 @@ pub const REFUSED: u32 = 1;
 pub const LINK_QUEUE_FRAMES: usize = 4_096;
 /// Most bytes written to a peer in one batch.
 pub const LINK_BATCH_BYTES: usize = 256 * 1024;
-/// A link with nothing to send for this long closes its connection (and redials on the
-/// next message): idle QUIC connections are not free, and a full mesh of them cost 100
-/// nodes on one machine more CPU than they had.
+/// A link to a node outside the overlay (see [`Link::set_keep`]) with nothing to send for
+/// this long closes its connection, and redials on the next message. Links to overlay
+/// neighbours stay up: redialling them costs a QUIC handshake each time a burst starts,
+/// which on 100 nodes sharing two cores was most of the cost of the first job.
 pub const LINK_IDLE: Duration = Duration::from_secs(15);
 /// How long a connection attempt may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -86,9 +87,15 @@ pub enum NetEvent {
 #[derive(Debug, Clone)]
 pub struct Link {
     tx: mpsc::Sender<Arc<Vec<u8>>>,
+    keep: Arc<AtomicBool>,
 }
 
 impl Link {
+    /// Whether the connection stays up while idle (the peer is an overlay neighbour).
+    pub fn set_keep(&self, keep: bool) {
+        self.keep.store(keep, Ordering::Relaxed);
+    }
+
     /// Queues an encoded frame; drops it (and counts) if the queue is full.
     pub fn send(&self, frame: Arc<Vec<u8>>, stats: &NetStats) {
         if self.tx.try_send(frame).is_ok() {
@@ -134,9 +141,11 @@ impl Transport {
         hello: NodeInfo,
     ) -> Link {
         let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+        let keep = Arc::new(AtomicBool::new(false));
         let t = self.clone();
-        tokio::spawn(async move { t.run_link(peer, endpoint, addrs, hello, rx).await });
-        Link { tx }
+        let k = keep.clone();
+        tokio::spawn(async move { t.run_link(peer, endpoint, addrs, hello, rx, k).await });
+        Link { tx, keep }
     }
 
     async fn run_link(
@@ -146,6 +155,7 @@ impl Transport {
         addrs: Vec<SocketAddr>,
         hello: NodeInfo,
         mut rx: mpsc::Receiver<Arc<Vec<u8>>>,
+        keep: Arc<AtomicBool>,
     ) {
         let Ok(key) = PublicKey::from_bytes(&endpoint) else {
             return;
@@ -184,7 +194,7 @@ impl Transport {
                 }
             };
             backoff = BACKOFF_MIN;
-            match self.pump(&conn, &hello, &mut rx, &mut pending).await {
+            match self.pump(&conn, &hello, &mut rx, &mut pending, &keep).await {
                 Pump::Closed => return,
                 Pump::Refused(reason) => {
                     let _ = self.events.send(NetEvent::Refused { peer, reason }).await;
@@ -202,6 +212,7 @@ impl Transport {
         hello: &[u8],
         rx: &mut mpsc::Receiver<Arc<Vec<u8>>>,
         pending: &mut Option<Arc<Vec<u8>>>,
+        keep: &AtomicBool,
     ) -> Pump {
         let Ok(mut send) = conn.open_uni().await else {
             return Pump::Broken;
@@ -238,7 +249,11 @@ impl Transport {
                 reason = conn.closed() => {
                     return classify(reason);
                 }
-                _ = tokio::time::sleep(LINK_IDLE) => return Pump::Idle,
+                _ = tokio::time::sleep(LINK_IDLE) => {
+                    if !keep.load(Ordering::Relaxed) {
+                        return Pump::Idle;
+                    }
+                }
             }
         }
     }

@@ -22,6 +22,7 @@ use mutual_core::engine::{
     CancelOutcome, Command, Engine, EngineConfig, EngineError, Event, StopReason,
 };
 use mutual_core::membership::Detector;
+use mutual_core::overlay;
 use mutual_core::view::Record;
 use mutual_core::{JobId, JobRequest, NodeId, Resources};
 use prometheus_client::metrics::histogram::Histogram;
@@ -33,7 +34,7 @@ use crate::net::{Link, NetEvent, NetStats, Transport};
 use crate::store::{self, Frame, Kind, Store};
 use crate::ticket::{ClusterSecret, Ticket};
 use crate::types::{CancelReply, JobStatus, NodeStatus, job_status};
-use crate::wire::{self, Msg, NodeInfo};
+use crate::wire::{self, Bcast, Msg, NodeInfo};
 
 /// Most jobs one node holds; documents for new jobs beyond it are refused (from peers and
 /// clients alike) rather than exhaust memory.
@@ -50,8 +51,15 @@ pub const REPROBE_EVERY_TICKS: u64 = 5;
 pub const QUIC_KEEP_ALIVE_S: u64 = 20;
 /// A peer connection silent this long is closed (and redialled on the next send).
 pub const QUIC_IDLE_TIMEOUT_S: u64 = 60;
-/// A probe tick later than this many periods means this node itself was starved.
-pub const LATE_TICK_FACTOR: u64 = 3;
+/// A probe tick later than this many half periods (1.5 periods) means this node itself was
+/// starved; the excess is not counted as the peers' silence.
+pub const LATE_TICK_HALF_PERIODS: u64 = 3;
+/// The failure timeout is at least this many probe retransmission timeouts.
+pub const FAILURE_TIMEOUT_RTOS: f64 = 4.0;
+/// The settle window never adapts above this (ms), however slow probes get.
+pub const MAX_SETTLE_MS: u64 = 500;
+/// The rendezvous step never adapts above this (ms).
+pub const MAX_RANK_STEP_MS: u64 = 100;
 /// Most jobs listed by one `GET /v1/jobs`.
 pub const MAX_LIST: usize = 10_000;
 
@@ -71,10 +79,10 @@ pub struct Timing {
 impl Default for Timing {
     fn default() -> Self {
         Timing {
-            probe_interval_ms: 100,
+            probe_interval_ms: 250,
             failure_timeout_ms: 500,
             ae_interval_ms: 1_000,
-            info_interval_ms: 250,
+            info_interval_ms: 1_000,
         }
     }
 }
@@ -328,6 +336,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
     stored_members.retain(|m| m.id != id);
     let http = Some(format!("http://{}", cfg.http));
     let ring: Arc<[NodeId]> = Arc::from(vec![id]);
+    let engine_timing = engine.timing();
     let mut node = Node {
         id,
         det: Detector::new(0, ring, cfg.timing.failure_timeout_ms, now),
@@ -355,6 +364,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         detection_ms: Histogram::new([100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 5000.0]),
         judged_total: 0,
         members_dirty: false,
+        probed_at: HashMap::new(),
+        rtt: None,
+        timing_floor: engine_timing,
         joined: joined_tx,
     };
     node.run_cmds(boot_cmds, None);
@@ -367,6 +379,9 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         // under that key with version (0, 0), and is replaced by its hello.
         if t.endpoint != endpoint_id {
             node.ensure_member(placeholder_info(t.endpoint, t.addrs.clone()), now);
+            // Stand-ins are not on the ring (never probed, never judged): say hello now.
+            let list = node.member_list();
+            node.send(&NodeId(t.endpoint), &Msg::Members(list));
         }
     }
     for m in stored_members {
@@ -466,6 +481,12 @@ struct Node {
     detection_ms: Histogram,
     judged_total: u64,
     members_dirty: bool,
+    /// When each watched node was last probed, for round-trip samples.
+    probed_at: HashMap<NodeId, std::time::Instant>,
+    /// Probe round trips: smoothed mean and mean deviation in µs (RFC 6298 style).
+    rtt: Option<(f64, f64)>,
+    /// The configured floors of the settle window and the rendezvous step.
+    timing_floor: (u64, u64),
     joined: tokio::sync::watch::Sender<Option<Result<(), String>>>,
 }
 
@@ -498,6 +519,7 @@ impl Node {
                 _ = tokio::time::sleep(sleep), if next_timer.is_some() => self.fire_timers(),
                 _ = probe.tick() => self.probe_tick(),
                 _ = ae.tick() => {
+                    self.save_members();
                     ae_phase += 1;
                     // Every period while active, four times as often while restarting.
                     if self.engine.is_passive() || ae_phase.is_multiple_of(4) {
@@ -613,7 +635,7 @@ impl Node {
         match ev {
             Internal::Durable { pushes, ack } => {
                 for (job, changes) in pushes {
-                    self.broadcast(&Msg::Changes { job, changes });
+                    self.broadcast(Bcast::Changes { job, changes });
                 }
                 match ack {
                     Some(Ack::Submit(job, reply)) => {
@@ -730,6 +752,19 @@ impl Node {
             return;
         }
         let id = info.id;
+        // The stand-in for a --join ticket (keyed by its endpoint) gives way to the real
+        // member, however this node learns of it: the member may never dial us itself.
+        let stand_in = NodeId(info.endpoint);
+        if stand_in != id
+            && self
+                .members
+                .get(&stand_in)
+                .is_some_and(|m| m.info.version == (0, 0))
+        {
+            self.members.remove(&stand_in);
+            self.links.remove(&stand_in);
+            self.rebuild_detector(now);
+        }
         let relink = match self.members.get_mut(&id) {
             Some(m) => {
                 if info.version < m.info.version {
@@ -739,7 +774,9 @@ impl Node {
                 let relink = info.version.0 != m.info.version.0
                     || info.addrs != m.info.addrs
                     || info.endpoint != m.info.endpoint;
-                if info != m.info {
+                // members.json is for finding peers after a restart: it is rewritten
+                // when a member moves, not every time its load changes.
+                if relink || info.http != m.info.http {
                     self.members_dirty = true;
                 }
                 m.info = info.clone();
@@ -764,11 +801,17 @@ impl Node {
                 .transport
                 .link(id, info.endpoint, info.addrs.clone(), hello);
             self.links.insert(id, link);
+            self.refresh_keep();
         }
     }
 
     fn rebuild_detector(&mut self, now: u64) {
-        let mut ring: Vec<NodeId> = self.members.keys().copied().collect();
+        let mut ring: Vec<NodeId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.info.version != (0, 0))
+            .map(|(id, _)| *id)
+            .collect();
         ring.push(self.id);
         ring.sort();
         let me = ring.iter().position(|n| *n == self.id).unwrap_or(0);
@@ -782,6 +825,15 @@ impl Node {
         self.det = det;
         let alive = self.det.alive_count();
         self.feed(now, Event::ClusterSize(alive));
+        self.refresh_keep();
+    }
+
+    /// Keeps the connections to overlay neighbours up while idle, and only those.
+    fn refresh_keep(&self) {
+        let nb = overlay::neighbours(&self.alive_ring(), self.id);
+        for (id, link) in &self.links {
+            link.set_keep(nb.binary_search(id).is_ok());
+        }
     }
 
     fn pos(&self, id: &NodeId) -> Option<usize> {
@@ -806,6 +858,7 @@ impl Node {
         } else {
             Event::MemberDown(id)
         };
+        self.refresh_keep();
         self.feed(now, ev);
         let n = self.det.alive_count();
         self.feed(now, Event::ClusterSize(n));
@@ -821,21 +874,29 @@ impl Node {
         }
     }
 
-    /// Sends to every member believed alive.
-    fn broadcast(&self, msg: &Msg) {
-        let frame = match wire::encode(msg) {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                tracing::error!("cannot encode a message: {e}");
-                return;
+    /// This node and the members it believes alive, sorted: the ring the overlay is on.
+    fn alive_ring(&self) -> Vec<NodeId> {
+        let ring = self.det.ring();
+        (0..ring.len())
+            .filter(|p| self.det.is_alive(*p))
+            .map(|p| ring[p])
+            .collect()
+    }
+
+    /// Sends `body` to every member believed alive, down the overlay's broadcast tree.
+    fn broadcast(&self, body: Bcast) {
+        self.forward(self.id, body);
+    }
+
+    /// Hands `body` to this node's fingers before `limit` (see [`overlay::tree_targets`]).
+    fn forward(&self, limit: NodeId, body: Bcast) {
+        let ring = self.alive_ring();
+        let mut msg = Msg::Tree { limit, body };
+        for (to, sub) in overlay::tree_targets(&ring, self.id, limit) {
+            if let Msg::Tree { limit, .. } = &mut msg {
+                *limit = sub;
             }
-        };
-        for (id, m) in &self.members {
-            if m.alive
-                && let Some(link) = self.links.get(id)
-            {
-                link.send(frame.clone(), &self.stats);
-            }
+            self.send(&to, &msg);
         }
     }
 
@@ -843,25 +904,20 @@ impl Node {
         let now = now_ms();
         self.ticks += 1;
         // Local health: if this tick comes late, this node was starved (its own answers
-        // may sit unread); silence measured across the gap says nothing about the peers.
-        // Restart their clocks instead of judging them (Lifeguard's idea, simplest form).
-        let late = now.saturating_sub(self.last_tick_ms)
-            > self
-                .cfg
-                .timing
-                .probe_interval_ms
-                .saturating_mul(LATE_TICK_FACTOR);
+        // may have sat unread); silence across the excess says nothing about the peers.
+        let period = self.cfg.timing.probe_interval_ms;
+        let gap = now.saturating_sub(self.last_tick_ms);
         self.last_tick_ms = now;
-        if late && self.ticks > 1 {
+        if self.ticks > 1 && gap > (period / 2).saturating_mul(LATE_TICK_HALF_PERIODS) {
             self.late_ticks += 1;
-            let targets: Vec<usize> = self.det.targets().collect();
-            for t in targets {
-                self.det.answered(t, now);
-            }
+            self.det.forgive(gap - period, now);
         }
+        self.det.set_timeout(self.failure_timeout_ms());
         let tick = self.det.tick(now);
+        let sent = std::time::Instant::now();
         for p in tick.probe {
             if let Some(id) = self.det.ring().get(p).copied() {
+                self.probed_at.insert(id, sent);
                 self.send(&id, &Msg::Probe);
             }
         }
@@ -869,13 +925,13 @@ impl Node {
             let Some(id) = self.det.ring().get(j).copied() else {
                 continue;
             };
-            tracing::info!(node = %id, "judged dead (silent for {} ms)", self.cfg.timing.failure_timeout_ms);
+            let timeout = self.det.timeout_ms();
+            tracing::info!(node = %id, "judged dead (silent for {timeout} ms)");
             self.judged_total += 1;
-            self.detection_ms
-                .observe(self.cfg.timing.failure_timeout_ms as f64);
+            self.detection_ms.observe(timeout as f64);
             self.mark(id, false, now);
             self.feed(now, Event::Suspect(id));
-            self.broadcast(&Msg::Down(id));
+            self.broadcast(Bcast::Down(id));
         }
         if self.ticks.is_multiple_of(REPROBE_EVERY_TICKS) {
             for k in self.det.reprobe() {
@@ -886,41 +942,89 @@ impl Node {
         }
     }
 
+    /// Folds in a probe round trip and adapts the engine's claim timing to it: a claim
+    /// crosses at most ⌈log₂ N⌉ overlay hops, each about half a round trip (taken
+    /// pessimistically: mean plus four deviations). The settle window covers twice that
+    /// (clock skew), the rendezvous step once, and neither goes below what was configured.
+    fn rtt_sample(&mut self, rtt: Duration) {
+        let x = rtt.as_secs_f64() * 1e6;
+        let (mean, dev) = match self.rtt {
+            None => (x, x / 2.0),
+            Some((m, d)) => (m + (x - m) / 8.0, d + ((x - m).abs() - d) / 4.0),
+        };
+        self.rtt = Some((mean, dev));
+        let hop_ms = (mean + 4.0 * dev) / 2.0 / 1e3;
+        let depth = (usize::BITS - self.det.alive_count().saturating_sub(1).leading_zeros()) as f64;
+        let propagation_ms = (hop_ms * depth).ceil() as u64;
+        let (settle_floor, step_floor) = self.timing_floor;
+        let settle = (2 * propagation_ms).clamp(settle_floor, MAX_SETTLE_MS.max(settle_floor));
+        let step = propagation_ms.clamp(step_floor, MAX_RANK_STEP_MS.max(step_floor));
+        if self.engine.timing() != (settle, step) {
+            self.engine.tune(settle, step);
+        }
+    }
+
+    /// The failure timeout in force: the configured one, or [`FAILURE_TIMEOUT_RTOS`]
+    /// retransmission timeouts (mean round trip plus four deviations, as TCP computes
+    /// it) when probes answer that slowly. On a machine so loaded that every process
+    /// waits hundreds of ms for a core, answers come late but come: slow is not dead.
+    fn failure_timeout_ms(&self) -> u64 {
+        let configured = self.cfg.timing.failure_timeout_ms;
+        let rto_ms = self.rtt.map_or(0.0, |(m, d)| (m + 4.0 * d) / 1e3);
+        configured.max((rto_ms * FAILURE_TIMEOUT_RTOS) as u64)
+    }
+
+    /// Saves the member list (for rejoining after a restart) when a member came or moved.
+    fn save_members(&mut self) {
+        if !self.members_dirty {
+            return;
+        }
+        self.members_dirty = false;
+        let list: Vec<&NodeInfo> = self
+            .members
+            .values()
+            .map(|m| &m.info)
+            .filter(|i| i.version != (0, 0))
+            .collect();
+        if let Ok(bytes) = serde_json::to_vec(&list) {
+            let path = self.cfg.data_dir.join("members.json");
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, bytes)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .is_err()
+            {
+                tracing::warn!("cannot save the member list in {}", path.display());
+            }
+        }
+    }
+
     fn info_tick(&mut self) {
         if self.info_dirty {
             self.info_dirty = false;
             self.version.1 += 1;
             let info = self.my_info();
-            self.broadcast(&Msg::Info(info));
-        }
-        if self.members_dirty {
-            self.members_dirty = false;
-            let list: Vec<&NodeInfo> = self.members.values().map(|m| &m.info).collect();
-            if let Ok(bytes) = serde_json::to_vec(&list) {
-                let path = self.cfg.data_dir.join("members.json");
-                let tmp = path.with_extension("tmp");
-                if std::fs::write(&tmp, bytes)
-                    .and_then(|()| std::fs::rename(&tmp, &path))
-                    .is_err()
-                {
-                    tracing::warn!("cannot save the member list in {}", path.display());
-                }
-            }
+            self.broadcast(Bcast::Info(info));
         }
     }
 
-    fn random_alive(&self) -> Option<NodeId> {
-        self.members
-            .iter()
-            .filter(|(_, m)| m.alive)
-            .map(|(id, _)| *id)
+    /// An anti-entropy partner: a random overlay neighbour, so rounds reuse the same few
+    /// connections instead of dialling a new member each time.
+    fn random_neighbour(&self) -> Option<NodeId> {
+        overlay::neighbours(&self.alive_ring(), self.id)
+            .into_iter()
             .choose(&mut rand::rng())
     }
 
     /// This node and every member it knows, for membership anti-entropy.
     fn member_list(&mut self) -> Vec<NodeInfo> {
+        // Stand-ins for --join tickets stay local: they are not members.
         std::iter::once(self.my_info())
-            .chain(self.members.values().map(|m| m.info.clone()))
+            .chain(
+                self.members
+                    .values()
+                    .filter(|m| m.info.version != (0, 0))
+                    .map(|m| m.info.clone()),
+            )
             .take(wire::MAX_MEMBERS)
             .collect()
     }
@@ -959,7 +1063,7 @@ impl Node {
         {
             self.send(&dead, &Msg::Probe);
         }
-        if let Some(peer) = self.random_alive() {
+        if let Some(peer) = self.random_neighbour() {
             self.send_digest(&peer, true);
             // Membership anti-entropy rides along: it heals one-sided member views.
             let list = self.member_list();
@@ -974,17 +1078,6 @@ impl Node {
         match ev {
             NetEvent::Hello(info) => {
                 let id = info.id;
-                let stand_in = NodeId(info.endpoint);
-                if stand_in != id
-                    && self
-                        .members
-                        .get(&stand_in)
-                        .is_some_and(|m| m.info.version == (0, 0))
-                {
-                    self.members.remove(&stand_in);
-                    self.links.remove(&stand_in);
-                    self.rebuild_detector(now);
-                }
                 let new = !self.members.contains_key(&id);
                 // A new member or a new boot needs anti-entropy now; a link that merely
                 // reconnected after going idle does not.
@@ -992,6 +1085,7 @@ impl Node {
                     .members
                     .get(&id)
                     .is_some_and(|m| m.info.version.0 != info.version.0 || !m.alive);
+                let announce = new.then(|| info.clone());
                 self.ensure_member(info, now);
                 if !matches!(*self.joined.borrow(), Some(Ok(()))) {
                     self.joined.send_replace(Some(Ok(())));
@@ -999,9 +1093,11 @@ impl Node {
                 if self.members.get(&id).is_some_and(|m| !m.alive) {
                     self.mark(id, true, now);
                 }
-                if new {
+                if let Some(info) = announce {
                     let list = self.member_list();
                     self.send(&id, &Msg::Members(list));
+                    // Everyone else learns of the joiner now, not a few gossip rounds later.
+                    self.broadcast(Bcast::Info(info));
                 }
                 if new || reboot {
                     self.send_digest(&id, true);
@@ -1038,7 +1134,7 @@ impl Node {
             Msg::Hello { .. } => {}
             Msg::Members(list) => {
                 for info in list.into_iter().take(wire::MAX_MEMBERS) {
-                    if info.id == self.id {
+                    if info.id == self.id || info.version == (0, 0) {
                         continue;
                     }
                     let known = self.members.contains_key(&info.id);
@@ -1053,32 +1149,22 @@ impl Node {
                     }
                 }
             }
-            Msg::Info(info) => {
-                if info.id == from {
-                    self.ensure_member(info, now);
-                }
+            Msg::Tree { limit, body } => {
+                // Forward first: the subtree should not wait for this node's own work.
+                self.forward(limit, body.clone());
+                self.on_bcast(body, now);
             }
-            Msg::Changes { job, changes } => self.receive(job, changes, Kind::Change, now),
             Msg::Probe => self.send(&from, &Msg::Ack),
             Msg::Ack => {
+                if let Some(sent) = self.probed_at.remove(&from) {
+                    self.rtt_sample(sent.elapsed());
+                }
                 if let Some(pos) = self.pos(&from) {
                     if !self.det.is_alive(pos) {
                         self.mark(from, true, now);
-                        self.broadcast(&Msg::Up(from));
+                        self.broadcast(Bcast::Up(from));
                     }
                     self.det.answered(pos, now);
-                }
-            }
-            Msg::Down(x) => {
-                if x == self.id {
-                    self.broadcast(&Msg::Up(self.id));
-                } else {
-                    self.mark(x, false, now);
-                }
-            }
-            Msg::Up(x) => {
-                if x != self.id {
-                    self.mark(x, true, now);
                 }
             }
             Msg::Digest { jobs, reply } => {
@@ -1133,6 +1219,27 @@ impl Node {
         }
     }
 
+    fn on_bcast(&mut self, body: Bcast, now: u64) {
+        match body {
+            // Relayed: it may be another member's info (a joiner announced by the member
+            // it joined through); `ensure_member` keeps only newer versions.
+            Bcast::Info(info) => self.ensure_member(info, now),
+            Bcast::Changes { job, changes } => self.receive(job, changes, Kind::Change, now),
+            Bcast::Down(x) => {
+                if x == self.id {
+                    self.broadcast(Bcast::Up(self.id));
+                } else {
+                    self.mark(x, false, now);
+                }
+            }
+            Bcast::Up(x) => {
+                if x != self.id {
+                    self.mark(x, true, now);
+                }
+            }
+        }
+    }
+
     /// Applies changes (or a saved document) from a peer, persists them, and hands the
     /// engine the records it did not have.
     fn receive(&mut self, job: JobId, chunks: Vec<Vec<u8>>, kind: Kind, now: u64) {
@@ -1162,7 +1269,7 @@ impl Node {
             .filter(|r| !known.is_some_and(|k| k.contains(r)))
             .collect();
         if !frames.is_empty() {
-            self.wal_bytes += self.store.append(frames, || {});
+            self.wal_bytes += self.store.append_unsynced(frames);
         }
         if records.is_empty() {
             return;
@@ -1413,7 +1520,7 @@ impl Node {
         counter(
             &mut reg,
             "late_probe_ticks",
-            "Probe periods this node itself came late to (no judgement made across them)",
+            "Probe periods this node itself came late to (their excess not counted as silence)",
             self.late_ticks,
         );
         counter(
@@ -1434,13 +1541,34 @@ impl Node {
             "Members believed alive, this node included",
             members,
         );
-        let running = Gauge::<i64>::default();
-        running.set(self.running.len() as i64);
-        reg.register(
-            "executions_running",
-            "Executions running on this node",
-            running,
-        );
+        let (settle, step) = self.engine.timing();
+        let rtt_us = self.rtt.map_or(0, |(m, _)| m as i64);
+        for (name, help, v) in [
+            (
+                "executions_running",
+                "Executions running on this node",
+                self.running.len() as i64,
+            ),
+            (
+                "settle_window_milliseconds",
+                "Settle window in force (adapted to probe round trips)",
+                settle as i64,
+            ),
+            (
+                "rank_step_milliseconds",
+                "Rendezvous step in force (adapted to probe round trips)",
+                step as i64,
+            ),
+            (
+                "probe_rtt_microseconds",
+                "Smoothed probe round trip",
+                rtt_us,
+            ),
+        ] {
+            let g = Gauge::<i64>::default();
+            g.set(v);
+            reg.register(name, help, g);
+        }
         let mut out = String::new();
         let _ = encode(&mut out, &reg);
         out

@@ -49,8 +49,14 @@ pub struct Frame {
 type Done = Box<dyn FnOnce() + Send>;
 
 enum Req {
-    Append { frames: Vec<Frame>, done: Done },
-    Compact { docs: Vec<Frame> },
+    Append {
+        frames: Vec<Frame>,
+        /// `None`: written but not synced on its own (see [`Store::append_unsynced`]).
+        done: Option<Done>,
+    },
+    Compact {
+        docs: Vec<Frame>,
+    },
 }
 
 /// Handle to the writer thread.
@@ -204,8 +210,23 @@ impl Store {
         // would time out rather than be told a lie.
         let _ = self.tx.send(Req::Append {
             frames,
-            done: Box::new(done),
+            done: Some(Box::new(done)),
         });
+        size
+    }
+
+    /// Appends frames without waiting for them to reach the disk: for what peers sent,
+    /// which they hold durably already. The frames are written in order with everything
+    /// else, so they become durable at the next synced append at the latest, and a
+    /// process kill (not a machine crash) loses none of them; what a machine crash loses,
+    /// anti-entropy brings back. Skipping the sync spares every replica an fsync for
+    /// every change any node makes. Returns the encoded size.
+    pub fn append_unsynced(&self, frames: Vec<Frame>) -> u64 {
+        let size = frames
+            .iter()
+            .map(|f| (4 + 17 + f.bytes.len() + CHECKSUM_BYTES) as u64)
+            .sum();
+        let _ = self.tx.send(Req::Append { frames, done: None });
         size
     }
 
@@ -230,12 +251,12 @@ fn writer(dir: PathBuf, mut wal: File, rx: mpsc::Receiver<Req>) {
                     for f in &frames {
                         encode_frame(f, &mut buf);
                     }
-                    dones.push(done);
+                    dones.extend(done);
                 }
                 Req::Compact { docs } => {
                     // Everything appended so far is in `docs` (the node saved them after
                     // making those changes); flush it first so ordering holds either way.
-                    flush(&mut wal, &mut buf, &wal_path);
+                    flush(&mut wal, &mut buf, &wal_path, true);
                     if let Err(e) = write_snapshot(&dir, &docs).and_then(|()| {
                         wal.set_len(0)?;
                         wal.sync_all()
@@ -245,20 +266,23 @@ fn writer(dir: PathBuf, mut wal: File, rx: mpsc::Receiver<Req>) {
                 }
             }
         }
-        flush(&mut wal, &mut buf, &wal_path);
+        flush(&mut wal, &mut buf, &wal_path, !dones.is_empty());
         for d in dones {
             d();
         }
     }
 }
 
-fn flush(wal: &mut File, buf: &mut Vec<u8>, path: &Path) {
-    if buf.is_empty() {
+fn flush(wal: &mut File, buf: &mut Vec<u8>, path: &Path, sync: bool) {
+    if buf.is_empty() && !sync {
         return;
     }
     // A node that cannot write its log must not acknowledge anything: stop the process
     // rather than go on with state that a restart would lose.
-    if let Err(e) = wal.write_all(buf).and_then(|()| wal.sync_data()) {
+    if let Err(e) = wal
+        .write_all(buf)
+        .and_then(|()| if sync { wal.sync_data() } else { Ok(()) })
+    {
         tracing::error!("{}: write failed: {e}; stopping the node", path.display());
         std::process::exit(70);
     }
@@ -345,5 +369,22 @@ mod tests {
         assert_eq!(loaded.frames.len(), 2);
         assert_eq!(loaded.frames[0].kind, Kind::Doc);
         assert_eq!(loaded.frames[1], frame(2, 10));
+    }
+
+    #[test]
+    fn unsynced_frames_keep_their_place_in_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(dir.path()).expect("open");
+        store.append_unsynced(vec![frame(1, 10)]);
+        append_sync(&store, vec![frame(2, 20)]);
+        store.append_unsynced(vec![frame(3, 30)]);
+        // An empty synced append returns once everything queued before it is written.
+        append_sync(&store, Vec::new());
+        drop(store);
+        let (_s, loaded) = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            loaded.frames,
+            vec![frame(1, 10), frame(2, 20), frame(3, 30)]
+        );
     }
 }

@@ -71,23 +71,18 @@ pub enum Msg {
     },
     /// The members the sender knows (on join, and in membership anti-entropy).
     Members(Vec<NodeInfo>),
-    /// The sender's own updated info.
-    Info(NodeInfo),
-    /// New automerge changes of one job document, pushed as soon as they are durable.
-    Changes {
-        /// The job.
-        job: JobId,
-        /// Encoded automerge changes, in order.
-        changes: Vec<Vec<u8>>,
+    /// A broadcast on its way down the overlay's tree (`mutual_core::overlay`): the
+    /// receiver handles `body` and forwards it to its fingers before `limit`.
+    Tree {
+        /// The receiver covers the live nodes after it and before this one.
+        limit: NodeId,
+        /// What is broadcast.
+        body: Bcast,
     },
     /// Failure-detector probe.
     Probe,
     /// Answer to a probe.
     Ack,
-    /// The sender judged `node` dead.
-    Down(NodeId),
-    /// `node` is alive (a refutation, or a node judged dead answered).
-    Up(NodeId),
     /// Anti-entropy: the sender's fingerprint of every job it holds.
     Digest {
         /// (job, fingerprint of its record set).
@@ -102,6 +97,25 @@ pub enum Msg {
         /// The sender is caught up (not restarting); a restarted node may go active.
         caught_up: bool,
     },
+}
+
+/// What goes to every member, down the overlay's broadcast tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Bcast {
+    /// A node's updated info (its own, or a new member's, announced by the member it
+    /// joined through).
+    Info(NodeInfo),
+    /// New automerge changes of one job document, pushed as soon as they are durable.
+    Changes {
+        /// The job.
+        job: JobId,
+        /// Encoded automerge changes, in order.
+        changes: Vec<Vec<u8>>,
+    },
+    /// Someone judged `node` dead.
+    Down(NodeId),
+    /// `node` is alive (a refutation, or a node judged dead answered).
+    Up(NodeId),
 }
 
 /// Why a frame could not be read.
@@ -161,12 +175,15 @@ mod tests {
 
     #[tokio::test]
     async fn frames_round_trip_and_limits_hold() {
-        let msg = Msg::Down(NodeId::from_index(3));
+        let msg = Msg::Tree {
+            limit: NodeId::from_index(4),
+            body: Bcast::Down(NodeId::from_index(3)),
+        };
         let mut bytes = encode(&msg).expect("encode");
         bytes.extend(encode(&Msg::Probe).expect("encode"));
         let mut r = &bytes[..];
         assert!(
-            matches!(read_frame(&mut r).await, Ok(Some((Msg::Down(n), _))) if n == NodeId::from_index(3))
+            matches!(read_frame(&mut r).await, Ok(Some((Msg::Tree { body: Bcast::Down(n), .. }, _))) if n == NodeId::from_index(3))
         );
         assert!(matches!(
             read_frame(&mut r).await,
