@@ -16,13 +16,50 @@
 //! disagree (a join or a death not yet known everywhere) can miss a node or reach one twice:
 //! duplicates are harmless (automerge changes are idempotent) and anti-entropy repairs misses.
 //!
+//! Up to [`FLAT_MAX_NODES`] live nodes the tree is flat: every node is everyone's finger, so
+//! a broadcast is one hop (a 10-node cluster waits less for claims) and each node holds at
+//! most 15 links.
+//!
 //! Positions are in a sorted slice of the ids a node believes alive, itself included.
 
 use crate::ids::NodeId;
 
-/// Offsets (places after `me` on the live ring) of the fingers: 1, 2, 4, … below `n`.
-fn finger_offsets(n: usize) -> impl Iterator<Item = usize> {
-    std::iter::successors(Some(1usize), |o| o.checked_mul(2)).take_while(move |o| *o < n)
+/// Rings of at most this many live nodes use a flat tree (everyone is a finger).
+pub const FLAT_MAX_NODES: usize = 16;
+
+/// Offsets (places after `me` on a live ring of `ring` nodes) of the fingers below
+/// `width`: 1, 2, 4, …, or every offset on a small ring.
+fn finger_offsets(ring: usize, width: usize) -> impl Iterator<Item = usize> {
+    let flat = ring <= FLAT_MAX_NODES;
+    std::iter::successors(Some(1usize), move |o| {
+        if flat {
+            o.checked_add(1)
+        } else {
+            o.checked_mul(2)
+        }
+    })
+    .take_while(move |o| *o < width)
+}
+
+/// The most hops a broadcast takes on a live ring of `n` nodes with agreeing views.
+pub fn depth(n: usize) -> u32 {
+    if n <= 1 {
+        0
+    } else if n <= FLAT_MAX_NODES {
+        1
+    } else {
+        usize::BITS - (n - 1).leading_zeros()
+    }
+}
+
+/// Where the sub-arc handed to the finger at offset `o` ends, in an arc of `width`.
+fn sub_arc_end(ring: usize, o: usize, width: usize) -> usize {
+    let next = if ring <= FLAT_MAX_NODES {
+        o.saturating_add(1)
+    } else {
+        o.saturating_mul(2)
+    };
+    next.min(width)
 }
 
 /// Position of `me` in `alive`, or `None` when it is not there.
@@ -37,7 +74,7 @@ pub fn fingers(alive: &[NodeId], me: NodeId) -> Vec<NodeId> {
         return Vec::new();
     };
     let n = alive.len();
-    finger_offsets(n).map(|o| alive[(i + o) % n]).collect()
+    finger_offsets(n, n).map(|o| alive[(i + o) % n]).collect()
 }
 
 /// Everyone `me` exchanges messages with: its fingers and the nodes whose finger it is
@@ -47,7 +84,7 @@ pub fn neighbours(alive: &[NodeId], me: NodeId) -> Vec<NodeId> {
         return Vec::new();
     };
     let n = alive.len();
-    let mut out: Vec<NodeId> = finger_offsets(n)
+    let mut out: Vec<NodeId> = finger_offsets(n, n)
         .flat_map(|o| [alive[(i + o) % n], alive[(i + n - o) % n]])
         .collect();
     out.sort();
@@ -74,10 +111,12 @@ pub fn tree_targets(alive: &[NodeId], me: NodeId, limit: NodeId) -> Vec<(NodeId,
             w => w,
         }
     };
-    finger_offsets(width)
+    finger_offsets(n, width)
         .map(|o| {
-            let end = o.saturating_mul(2).min(width);
-            (alive[(i + o) % n], alive[(i + end) % n])
+            (
+                alive[(i + o) % n],
+                alive[(i + sub_arc_end(n, o, width)) % n],
+            )
         })
         .collect()
 }
@@ -122,13 +161,24 @@ mod tests {
         assert_eq!(fingers(&r, r[0]), vec![r[1]]);
         assert_eq!(neighbours(&r, r[0]), vec![r[1]]);
         assert_eq!(tree_targets(&r, r[1], r[1]), vec![(r[0], r[1])]);
+        // Small rings are flat: one hop to everyone.
         let r = ring(5);
-        assert_eq!(fingers(&r, r[3]), vec![r[4], r[0], r[2]]);
+        assert_eq!(fingers(&r, r[3]), vec![r[4], r[0], r[1], r[2]]);
         assert_eq!(
             tree_targets(&r, r[0], r[0]),
-            vec![(r[1], r[2]), (r[2], r[4]), (r[4], r[0])]
+            vec![(r[1], r[2]), (r[2], r[3]), (r[3], r[4]), (r[4], r[0])]
         );
         assert!(fingers(&r, NodeId::from_index(99)).is_empty());
+        // Larger ones use powers of two.
+        let r = ring(40);
+        assert_eq!(
+            fingers(&r, r[38]),
+            vec![r[39], r[0], r[2], r[6], r[14], r[30]]
+        );
+        assert_eq!(
+            tree_targets(&r, r[0], r[8]),
+            vec![(r[1], r[2]), (r[2], r[4]), (r[4], r[8])]
+        );
     }
 
     proptest! {
@@ -142,14 +192,16 @@ mod tests {
             let (got, depth) = run(&views, origin);
             prop_assert_eq!(got.len(), r.len() - 1);
             prop_assert!(got.values().all(|c| *c == 1));
+            let flat = r.len() <= FLAT_MAX_NODES;
             let log = usize::BITS - (r.len().max(1) - 1).leading_zeros();
-            prop_assert!(depth <= log, "depth {} > log {}", depth, log);
+            prop_assert!(depth <= super::depth(r.len()), "depth {} > {}", depth, super::depth(r.len()));
             for x in &r {
                 let nb: BTreeSet<NodeId> = neighbours(&r, *x).into_iter().collect();
                 for (to, _) in tree_targets(&r, *x, *x) {
                     prop_assert!(nb.contains(&to));
                 }
-                prop_assert!(neighbours(&r, *x).len() <= 2 * log as usize);
+                let most = if flat { FLAT_MAX_NODES } else { 2 * log as usize };
+                prop_assert!(neighbours(&r, *x).len() <= most);
             }
         }
 

@@ -943,7 +943,7 @@ impl Node {
     }
 
     /// Folds in a probe round trip and adapts the engine's claim timing to it: a claim
-    /// crosses at most ⌈log₂ N⌉ overlay hops, each about half a round trip (taken
+    /// crosses at most [`overlay::depth`] hops, each about half a round trip (taken
     /// pessimistically: mean plus four deviations). The settle window covers twice that
     /// (clock skew), the rendezvous step once, and neither goes below what was configured.
     fn rtt_sample(&mut self, rtt: Duration) {
@@ -954,7 +954,7 @@ impl Node {
         };
         self.rtt = Some((mean, dev));
         let hop_ms = (mean + 4.0 * dev) / 2.0 / 1e3;
-        let depth = (usize::BITS - self.det.alive_count().saturating_sub(1).leading_zeros()) as f64;
+        let depth = f64::from(overlay::depth(self.det.alive_count()));
         let propagation_ms = (hop_ms * depth).ceil() as u64;
         let (settle_floor, step_floor) = self.timing_floor;
         let settle = (2 * propagation_ms).clamp(settle_floor, MAX_SETTLE_MS.max(settle_floor));
