@@ -429,3 +429,172 @@ fn a_killed_node_leaves_no_orphaned_execution() {
         (!pid_alive(pid)).then_some(())
     });
 }
+
+// ---- containers (Docker) ----------------------------------------------------------------
+
+/// The image the container tests run, built from this machine's own binaries when missing
+/// (`fixtures/docker/build-test-image.sh`; the machines cannot pull images).
+const TEST_IMAGE: &str = "mutual-test:1";
+
+/// Whether the container tests run: only with `MUTUAL_DOCKER_TESTS=1` (set by `.ci/run`),
+/// and then Docker must answer and the test image must build, or the test fails loudly.
+fn docker_tests() -> bool {
+    if std::env::var("MUTUAL_DOCKER_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipping: set MUTUAL_DOCKER_TESTS=1 to run the container tests");
+        return false;
+    }
+    let present = std::process::Command::new("docker")
+        .args(["image", "inspect", TEST_IMAGE])
+        .output()
+        .expect("MUTUAL_DOCKER_TESTS=1 but the docker CLI cannot run");
+    if !present.status.success() {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/docker/build-test-image.sh");
+        let built = std::process::Command::new(&script)
+            .arg(TEST_IMAGE)
+            .output()
+            .expect("running build-test-image.sh");
+        assert!(
+            built.status.success(),
+            "MUTUAL_DOCKER_TESTS=1 but the test image cannot be built: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+    }
+    true
+}
+
+fn in_container(script: &str, memory: u64) -> JobRequest {
+    JobRequest {
+        image: Some(TEST_IMAGE.into()),
+        max_attempts: Some(1),
+        resources: Some(Resources {
+            cpu_millis: 500,
+            memory_bytes: memory,
+            gpus: 0,
+        }),
+        ..sh(script)
+    }
+}
+
+/// The log file of a job's accepted attempt, on the node that ran it.
+fn log_of(nodes: &[LocalNode], s: &JobStatus, stream: &str) -> String {
+    let node = nodes
+        .iter()
+        .find(|n| n.id().as_deref() == s.node.as_deref())
+        .expect("the node that ran the job");
+    let path = node
+        .dir
+        .join("logs")
+        .join(&s.id)
+        .join(format!("{}.{stream}", s.attempt));
+    std::fs::read_to_string(&path).unwrap_or_default()
+}
+
+/// Containers of one job still known to Docker.
+fn containers_of(job: &str) -> usize {
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=io.mutual.job={job}"),
+        ])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn container_jobs_run_under_docker_limits_and_are_removed() {
+    if !docker_tests() {
+        return;
+    }
+    let (_g, _dir, _bin, nodes) = cluster(2, &["--slots", "2", "--containers", "on"]);
+    let c = nodes[0].client();
+    let hello = c
+        .submit(&in_container(
+            "echo in-container; echo to-stderr >&2",
+            64 << 20,
+        ))
+        .expect("submit")
+        .id;
+    // 128 MiB in one buffer: more than a 32 MiB limit allows, well within 512 MiB.
+    let grab = "dd if=/dev/zero of=/dev/null bs=128M count=1";
+    let over = c.submit(&in_container(grab, 32 << 20)).expect("submit").id;
+    let under = c.submit(&in_container(grab, 512 << 20)).expect("submit").id;
+    let missing = c
+        .submit(&JobRequest {
+            image: Some("mutual-no-such-image:0".into()),
+            ..in_container("true", 64 << 20)
+        })
+        .expect("submit")
+        .id;
+    let ids = vec![hello.clone(), over.clone(), under.clone(), missing.clone()];
+    let done = wait_all_terminal(&c, &ids, 90);
+
+    let s = &done[&hello];
+    assert_eq!(
+        (s.state.as_str(), s.exit_code),
+        ("succeeded", Some(0)),
+        "{s:?}"
+    );
+    assert_eq!(log_of(&nodes, s, "stdout"), "in-container\n");
+    assert_eq!(log_of(&nodes, s, "stderr"), "to-stderr\n");
+
+    let s = &done[&over];
+    assert_eq!(s.state, "failed", "the memory limit must kill it: {s:?}");
+    assert_eq!(s.exit_code, Some(137), "killed by the OOM killer: {s:?}");
+    let s = &done[&under];
+    assert_eq!(
+        (s.state.as_str(), s.exit_code),
+        ("succeeded", Some(0)),
+        "{s:?}"
+    );
+
+    let s = &done[&missing];
+    assert_eq!(
+        (s.state.as_str(), s.exit_code),
+        ("failed", Some(125)),
+        "{s:?}"
+    );
+    let err = log_of(&nodes, s, "stderr");
+    assert!(err.contains("is not on this node"), "stderr: {err:?}");
+
+    for id in &ids {
+        eventually(10, "the container is removed", || {
+            (containers_of(id) == 0).then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_cancelled_container_is_killed_and_container_jobs_need_a_container_node() {
+    if !docker_tests() {
+        return;
+    }
+    let (_g, _dir, _bin, nodes) = cluster(2, &["--containers", "on"]);
+    let c = nodes[0].client();
+    let id = c
+        .submit(&in_container("sleep 60", 64 << 20))
+        .expect("submit")
+        .id;
+    eventually(30, "the container job runs", || {
+        (c.job(&id).ok()?.state == "running").then_some(())
+    });
+    let t = Instant::now();
+    c.cancel(&id).expect("cancel");
+    eventually(10, "the cancelled container is gone", || {
+        (containers_of(&id) == 0).then_some(())
+    });
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(c.job(&id).expect("status").state, "cancelled");
+    drop((c, nodes, _g));
+
+    // Without a node that runs containers, a container job is refused at once (422).
+    let (_g, _dir, _bin, nodes) = cluster(1, &["--containers", "off"]);
+    let e = nodes[0]
+        .client()
+        .submit(&in_container("true", 64 << 20))
+        .expect_err("no node runs containers");
+    assert!(e.to_string().contains("runs containers"), "{e}");
+}

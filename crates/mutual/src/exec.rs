@@ -42,21 +42,57 @@ pub struct Finished {
 /// A running execution.
 #[derive(Debug)]
 pub struct Running {
-    pgid: Option<i32>,
+    /// How to kill it.
+    pub kill: Kill,
     /// Its token.
     pub token: FencingToken,
     /// Where its output goes.
     pub log_dir: PathBuf,
 }
 
+/// How an execution is killed.
+#[derive(Debug)]
+pub enum Kill {
+    /// A process group (`None`: it never started).
+    Process(Option<i32>),
+    /// A container.
+    Container {
+        /// The Docker connection.
+        containers: crate::container::Containers,
+        /// The container's name.
+        name: String,
+    },
+}
+
 impl Running {
-    /// Kills the whole process group now. The waiter reports the end.
+    /// Kills the execution now (the whole process group, or the container). The waiter
+    /// reports the end.
     pub fn kill(&self) {
-        if let Some(pgid) = self.pgid {
+        match &self.kill {
             // ESRCH (already gone) is fine: the waiter reports the exit either way.
-            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            Kill::Process(Some(pgid)) => {
+                let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
+            }
+            Kill::Process(None) => {}
+            Kill::Container { containers, name } => containers.kill(name),
         }
     }
+}
+
+/// The environment a job sees: its own variables, then the `MUTUAL_*` ones (which win).
+pub fn job_env(spec: &JobSpec, token: FencingToken, work: Option<&Path>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.push(("MUTUAL_JOB_ID".into(), spec.id.to_string()));
+    env.push(("MUTUAL_ATTEMPT".into(), token.epoch.0.to_string()));
+    env.push(("MUTUAL_FENCING_TOKEN".into(), token.to_string()));
+    if let Some(w) = work {
+        env.push(("MUTUAL_WORK_DIR".into(), w.display().to_string()));
+    }
+    env
 }
 
 /// How the node starts job processes: directly, or through `mutual job-shim`.
@@ -148,11 +184,7 @@ pub fn start(
             None => tokio::process::Command::new(program),
         };
         cmd.args(args)
-            .envs(&spec.env)
-            .env("MUTUAL_JOB_ID", job.to_string())
-            .env("MUTUAL_ATTEMPT", epoch.to_string())
-            .env("MUTUAL_FENCING_TOKEN", token.to_string())
-            .env("MUTUAL_WORK_DIR", &work)
+            .envs(job_env(&spec, token, Some(&work)))
             .current_dir(&work)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -169,7 +201,7 @@ pub fn start(
             let _ = std::fs::remove_dir_all(&work);
             tokio::spawn(async move { done(fail(msg)) });
             return Running {
-                pgid: None,
+                kill: Kill::Process(None),
                 token,
                 log_dir,
             };
@@ -202,7 +234,38 @@ pub fn start(
         });
     });
     Running {
-        pgid,
+        kill: Kill::Process(pgid),
+        token,
+        log_dir,
+    }
+}
+
+/// Ends an execution that cannot run here at once, with exit code 125 and the reason in
+/// its stderr log.
+pub fn refuse(
+    data_dir: &Path,
+    spec: &JobSpec,
+    token: FencingToken,
+    reason: &str,
+    done: impl FnOnce(Finished) + Send + 'static,
+) -> Running {
+    let (_, err_path) = log_paths(data_dir, spec.id, u64::from(token.epoch.0));
+    let log_dir = err_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| data_dir.to_path_buf());
+    let _ = std::fs::create_dir_all(&log_dir);
+    let _ = std::fs::write(&err_path, format!("mutual: {reason}\n"));
+    let f = Finished {
+        job: spec.id,
+        token,
+        exit_code: crate::container::EXIT_CONTAINER_FAILED,
+        metrics: ExecMetrics::default(),
+        start_error: Some(reason.to_string()),
+    };
+    tokio::spawn(async move { done(f) });
+    Running {
+        kill: Kill::Process(None),
         token,
         log_dir,
     }

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod container;
 pub mod exec;
 pub mod harness;
 pub mod net;

@@ -176,6 +176,14 @@ struct NodeArgs {
     /// A label jobs can require (repeatable), e.g. --label zone=a.
     #[arg(long, value_parser = parse_label)]
     label: Vec<(String, String)>,
+    /// Run container jobs (`--image`) through the local Docker Engine: `auto` when Docker
+    /// answers at start, `on` to refuse to start without it, `off` never.
+    #[arg(long, value_enum, default_value_t = mutual::node::ContainerMode::Auto)]
+    containers: mutual::node::ContainerMode,
+    /// OCI runtime for containers: `runc`, or `kata-runtime` / `runsc` where Docker has
+    /// them (VM or gVisor isolation).
+    #[arg(long, default_value = "runc")]
+    container_runtime: String,
     /// Require `Authorization: Bearer TOKEN` on the API.
     #[arg(long, env = "MUTUAL_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
@@ -234,8 +242,14 @@ struct SubmitArgs {
     json: bool,
     #[command(flatten)]
     conn: Conn,
-    /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true)]
+    /// Run in a container of this image (nodes never pull: it must be on the node, e.g.
+    /// from `docker load`). Cpu and memory become Docker limits. Only nodes that run
+    /// containers take the job.
+    #[arg(long)]
+    image: Option<String>,
+    /// The command and its arguments, after `--` (with --image: may be empty to run the
+    /// image's own entry point).
+    #[arg(last = true, required_unless_present = "image")]
     command: Vec<String>,
 }
 
@@ -308,6 +322,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                 ),
                 labels: a.label.into_iter().collect(),
+                image: a.image,
                 priority: a.priority,
                 timeout_ms: a.timeout,
                 max_attempts: a.max_attempts,
@@ -571,6 +586,8 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
             launcher: mutual::exec::Launcher {
                 shim: std::env::current_exe().ok(),
             },
+            containers: a.containers,
+            container_runtime: a.container_runtime.clone(),
         };
         let mut started = mutual::node::start(cfg).await?;
         let ticket = started.ticket.to_string();

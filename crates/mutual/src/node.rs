@@ -29,6 +29,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use rand::seq::IteratorRandom;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::container::Containers;
 use crate::exec::{self, Finished, Running};
 use crate::net::{Link, NetEvent, NetStats, Transport};
 use crate::store::{self, Frame, Kind, Store};
@@ -108,6 +109,22 @@ pub struct NodeConfig {
     pub timing: Timing,
     /// How job processes are started.
     pub launcher: exec::Launcher,
+    /// Whether this node runs container jobs.
+    pub containers: ContainerMode,
+    /// The OCI runtime containers run under (`runc`, `kata-runtime`, `runsc`, …).
+    pub container_runtime: String,
+}
+
+/// Whether a node runs container jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ContainerMode {
+    /// If Docker answers at start (and knows the runtime).
+    #[default]
+    Auto,
+    /// Always: the node refuses to start without Docker.
+    On,
+    /// Never.
+    Off,
 }
 
 /// A request from the HTTP API to the actor.
@@ -240,11 +257,29 @@ fn cluster_secret(dir: &Path, join: &[Ticket]) -> anyhow::Result<ClusterSecret> 
 
 /// Binds the endpoint, loads the data directory and starts the actor. The HTTP server is
 /// started by the caller with the returned handle.
-pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
+pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
     let identity = read_or_create_key(&cfg.data_dir.join("node.key"))?;
     let id = NodeId(*identity.public().as_bytes());
+    let containers = match cfg.containers {
+        ContainerMode::Off => None,
+        mode => match Containers::connect(&cfg.container_runtime, id).await {
+            Ok(c) => {
+                let left = c.remove_leftovers().await;
+                if left > 0 {
+                    tracing::info!("removed {left} containers an earlier run left behind");
+                }
+                Some(c)
+            }
+            Err(e) if mode == ContainerMode::On => bail!("--containers on: {e}"),
+            Err(e) => {
+                tracing::info!("not running container jobs: {e}");
+                None
+            }
+        },
+    };
+    cfg.engine.containers = containers.is_some();
     let secret = cluster_secret(&cfg.data_dir, &cfg.join)?;
     let transport_config = iroh::endpoint::QuicTransportConfig::builder()
         // Liveness is the detector's job (probes to two ring neighbours), not QUIC's: a
@@ -364,6 +399,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<Started> {
         detection_ms: Histogram::new([100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 5000.0]),
         judged_total: 0,
         members_dirty: false,
+        containers,
         probed_at: HashMap::new(),
         rtt: None,
         timing_floor: engine_timing,
@@ -481,6 +517,8 @@ struct Node {
     detection_ms: Histogram,
     judged_total: u64,
     members_dirty: bool,
+    /// The Docker connection, if this node runs container jobs.
+    containers: Option<Containers>,
     /// When each watched node was last probed, for round-trip samples.
     probed_at: HashMap<NodeId, std::time::Instant>,
     /// Probe round trips: smoothed mean and mean deviation in µs (RFC 6298 style).
@@ -573,15 +611,25 @@ impl Node {
                     job, token, spec, ..
                 } => {
                     let tx = self.int_tx.clone();
-                    let running = exec::start(
-                        &self.cfg.data_dir,
-                        &self.cfg.launcher,
-                        spec,
-                        token,
-                        move |f| {
-                            let _ = tx.send(Internal::Exec(f));
-                        },
-                    );
+                    let done = move |f| {
+                        let _ = tx.send(Internal::Exec(f));
+                    };
+                    let running = match (&spec.image, &self.containers) {
+                        (Some(_), Some(c)) => {
+                            c.start(&self.cfg.data_dir, spec, token, Vec::new(), done)
+                        }
+                        // The engine claims container jobs only where containers run.
+                        (Some(_), None) => exec::refuse(
+                            &self.cfg.data_dir,
+                            &spec,
+                            token,
+                            "this node does not run containers",
+                            done,
+                        ),
+                        (None, _) => {
+                            exec::start(&self.cfg.data_dir, &self.cfg.launcher, spec, token, done)
+                        }
+                    };
                     self.running.insert(
                         job,
                         Exec {
@@ -1305,20 +1353,27 @@ impl Node {
         self.engine.view(job).and_then(job_status)
     }
 
-    fn fits_somewhere(&self, r: &Resources, labels: &BTreeMap<String, String>) -> bool {
-        let mine = (self.cfg.engine.capacity, &self.cfg.engine.labels);
+    fn fits_somewhere(
+        &self,
+        r: &Resources,
+        labels: &BTreeMap<String, String>,
+        container: bool,
+    ) -> bool {
+        let e = &self.cfg.engine;
+        let mine = (e.capacity, &e.labels, e.containers);
         std::iter::once(mine)
             .chain(
                 self.members
                     .values()
                     .filter(|m| m.alive && m.info.version != (0, 0))
-                    .map(|m| (m.info.capacity, &m.info.labels)),
+                    .map(|m| (m.info.capacity, &m.info.labels, m.info.containers)),
             )
-            .any(|(c, l)| {
+            .any(|(c, l, runs_containers)| {
                 c.cpu_millis >= r.cpu_millis
                     && c.memory_bytes >= r.memory_bytes
                     && c.gpus >= r.gpus
                     && labels.iter().all(|(k, v)| l.get(k) == Some(v))
+                    && (runs_containers || !container)
             })
     }
 
@@ -1333,12 +1388,18 @@ impl Node {
                     return;
                 }
                 let needs = request.resources.unwrap_or_default();
-                if !self.fits_somewhere(&needs, &request.labels) {
+                let container = request.image.is_some();
+                if !self.fits_somewhere(&needs, &request.labels, container) {
                     let _ = reply.send(Err(ApiError::Unschedulable(format!(
-                        "no live node offers {} mCPU, {} bytes of memory, {} GPUs{}",
+                        "no live node offers {} mCPU, {} bytes of memory, {} GPUs{}{}",
                         needs.cpu_millis,
                         needs.memory_bytes,
                         needs.gpus,
+                        if container {
+                            " and runs containers"
+                        } else {
+                            ""
+                        },
                         if request.labels.is_empty() {
                             String::new()
                         } else {
