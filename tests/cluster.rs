@@ -598,3 +598,52 @@ fn a_cancelled_container_is_killed_and_container_jobs_need_a_container_node() {
         .expect_err("no node runs containers");
     assert!(e.to_string().contains("runs containers"), "{e}");
 }
+
+#[test]
+fn gpu_jobs_go_to_a_node_with_free_gpus_and_get_distinct_devices() {
+    // No GPU here: one node declares two (`--gpus 2`), the other has none.
+    let (_g, dir, bin, mut nodes) = cluster(1, &["--slots", "4", "--gpus", "2"]);
+    let ticket = nodes[0].ticket.clone();
+    nodes.push(
+        LocalNode::start(
+            &bin,
+            &dir.path().join("plain"),
+            Some(&ticket),
+            &["--slots", "4"],
+        )
+        .expect("second node"),
+    );
+    let gpu_node = nodes[0].id();
+    let c = nodes[1].client();
+    let gpu_job = |gpus: u32| JobRequest {
+        resources: Some(Resources {
+            cpu_millis: 100,
+            memory_bytes: 16 << 20,
+            gpus,
+        }),
+        ..sh("echo \"$CUDA_VISIBLE_DEVICES\"; sleep 1")
+    };
+    let ids: Vec<String> = (0..3)
+        .map(|_| c.submit(&gpu_job(1)).expect("submit").id)
+        .collect();
+    let done = wait_all_terminal(&c, &ids, 60);
+    let mut devices = Vec::new();
+    for id in &ids {
+        let s = &done[id];
+        assert_eq!(s.state, "succeeded", "{s:?}");
+        assert_eq!(s.node, gpu_node, "only the GPU node may run it");
+        devices.push(log_of(&nodes, s, "stdout").trim().to_string());
+    }
+    devices.sort();
+    assert!(
+        devices.iter().all(|d| d == "0" || d == "1"),
+        "each job sees exactly one device: {devices:?}"
+    );
+    // Three 1 s jobs on two devices: two ran together on distinct devices.
+    assert!(
+        devices.contains(&"0".into()) && devices.contains(&"1".into()),
+        "{devices:?}"
+    );
+    let e = c.submit(&gpu_job(3)).expect_err("no node has three GPUs");
+    assert!(e.to_string().contains("3 GPUs"), "{e}");
+}

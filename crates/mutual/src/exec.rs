@@ -144,9 +144,15 @@ pub fn start(
     launcher: &Launcher,
     spec: Arc<JobSpec>,
     token: FencingToken,
+    gpus: &[u32],
     done: impl FnOnce(Finished) + Send + 'static,
 ) -> Running {
     let job = spec.id;
+    let cuda = gpus
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let epoch = u64::from(token.epoch.0);
     let (out_path, err_path) = log_paths(data_dir, job, epoch);
     let log_dir = out_path
@@ -183,9 +189,12 @@ pub fn start(
             }
             None => tokio::process::Command::new(program),
         };
-        cmd.args(args)
-            .envs(job_env(&spec, token, Some(&work)))
-            .current_dir(&work)
+        cmd.args(args).envs(job_env(&spec, token, Some(&work)));
+        if !cuda.is_empty() {
+            // The devices this execution got, and only those.
+            cmd.env("CUDA_VISIBLE_DEVICES", &cuda);
+        }
+        cmd.current_dir(&work)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

@@ -7,6 +7,7 @@ pub mod api;
 pub mod client;
 pub mod container;
 pub mod exec;
+pub mod gpu;
 pub mod harness;
 pub mod net;
 pub mod node;

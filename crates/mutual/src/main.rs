@@ -176,6 +176,10 @@ struct NodeArgs {
     /// A label jobs can require (repeatable), e.g. --label zone=a.
     #[arg(long, value_parser = parse_label)]
     label: Vec<(String, String)>,
+    /// GPUs offered [default: the NVIDIA GPUs `nvidia-smi` lists]. Fewer hides the rest;
+    /// more declares devices that are not detected (for testing placement).
+    #[arg(long)]
+    gpus: Option<u32>,
     /// Run container jobs (`--image`) through the local Docker Engine: `auto` when Docker
     /// answers at start, `on` to refuse to start without it, `off` never.
     #[arg(long, value_enum, default_value_t = mutual::node::ContainerMode::Auto)]
@@ -494,12 +498,12 @@ fn print_jobs(list: &[JobStatus]) {
 
 fn print_nodes(list: &[NodeStatus]) {
     println!(
-        "{:<10}  {:<5}  {:<26}  {:>11}  {:>13}  {:>5}  RUNNING",
-        "ID", "ALIVE", "HTTP", "CPU FREE", "MEM FREE MiB", "SLOTS"
+        "{:<10}  {:<5}  {:<26}  {:>11}  {:>13}  {:>5}  {:>5}  {:<10}  RUNNING",
+        "ID", "ALIVE", "HTTP", "CPU FREE", "MEM FREE MiB", "SLOTS", "GPUS", "CONTAINERS"
     );
     for n in list {
         println!(
-            "{:<10}  {:<5}  {:<26}  {:>11}  {:>13}  {:>5}  {}{}",
+            "{:<10}  {:<5}  {:<26}  {:>11}  {:>13}  {:>5}  {:>5}  {:<10}  {}{}",
             short(&n.id),
             if n.alive { "yes" } else { "no" },
             n.http.as_deref().unwrap_or("-"),
@@ -514,6 +518,8 @@ fn print_nodes(list: &[NodeStatus]) {
                 n.capacity.memory_bytes >> 20
             ),
             format!("{}/{}", n.free_slots, n.slots),
+            format!("{}/{}", n.free.gpus, n.capacity.gpus),
+            if n.containers { "yes" } else { "no" },
             n.running.len(),
             if n.is_self { "  (answering)" } else { "" }
         );
@@ -549,6 +555,19 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let (mut gpus, trouble) = mutual::gpu::detect();
+    if let Some(t) = trouble {
+        tracing::warn!("no GPUs offered: {t}");
+    }
+    if let Some(n) = a.gpus {
+        gpus.truncate(n as usize);
+        let declared = (gpus.len() as u32..n).map(|index| mutual::gpu::Gpu {
+            index,
+            name: "declared (--gpus)".into(),
+            memory_mib: 0,
+        });
+        gpus.extend(declared);
+    }
     let engine = EngineConfig {
         settle_ms: a.settle,
         slots: a.slots.unwrap_or(cpus).max(1),
@@ -588,6 +607,7 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
             },
             containers: a.containers,
             container_runtime: a.container_runtime.clone(),
+            gpus,
         };
         let mut started = mutual::node::start(cfg).await?;
         let ticket = started.ticket.to_string();

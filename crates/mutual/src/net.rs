@@ -162,7 +162,10 @@ impl Transport {
         };
         let addr = endpoint_addr(key, &addrs);
         let proof = hello_proof(&self.secret, &self.me(), &endpoint);
-        let Ok(hello) = wire::encode(&Msg::Hello { proof, info: hello }) else {
+        let Ok(hello) = wire::encode(&Msg::Hello {
+            proof,
+            info: Box::new(hello),
+        }) else {
             return;
         };
         let mut backoff = BACKOFF_MIN;
@@ -276,7 +279,7 @@ impl Transport {
                         &hello_proof(&self.secret, remote.as_bytes(), &self.me()),
                     ) =>
             {
-                info
+                *info
             }
             _ => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::container::Containers;
 use crate::exec::{self, Finished, Running};
+use crate::gpu::{self, Gpu};
 use crate::net::{Link, NetEvent, NetStats, Transport};
 use crate::store::{self, Frame, Kind, Store};
 use crate::ticket::{ClusterSecret, Ticket};
@@ -113,6 +114,8 @@ pub struct NodeConfig {
     pub containers: ContainerMode,
     /// The OCI runtime containers run under (`runc`, `kata-runtime`, `runsc`, …).
     pub container_runtime: String,
+    /// The GPUs this node offers (`engine.capacity.gpus` is their count).
+    pub gpus: Vec<Gpu>,
 }
 
 /// Whether a node runs container jobs.
@@ -280,6 +283,8 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         },
     };
     cfg.engine.containers = containers.is_some();
+    cfg.engine.capacity.gpus = cfg.gpus.len() as u32;
+    let gpu_pool = gpu::Pool::new(&cfg.gpus);
     let secret = cluster_secret(&cfg.data_dir, &cfg.join)?;
     let transport_config = iroh::endpoint::QuicTransportConfig::builder()
         // Liveness is the detector's job (probes to two ring neighbours), not QUIC's: a
@@ -400,6 +405,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         judged_total: 0,
         members_dirty: false,
         containers,
+        gpu_pool,
         probed_at: HashMap::new(),
         rtt: None,
         timing_floor: engine_timing,
@@ -458,6 +464,7 @@ fn placeholder_info(endpoint: [u8; 32], addrs: Vec<SocketAddr>) -> NodeInfo {
         free_slots: 0,
         labels: BTreeMap::new(),
         containers: false,
+        gpus: Vec::new(),
         running: Vec::new(),
     }
 }
@@ -488,6 +495,8 @@ enum Ack {
 struct Exec {
     running: Running,
     stop: Option<StopReason>,
+    /// The GPUs it holds, returned to the pool when it ends.
+    gpus: Vec<u32>,
 }
 
 struct Node {
@@ -519,6 +528,8 @@ struct Node {
     members_dirty: bool,
     /// The Docker connection, if this node runs container jobs.
     containers: Option<Containers>,
+    /// GPUs not held by an execution.
+    gpu_pool: gpu::Pool,
     /// When each watched node was last probed, for round-trip samples.
     probed_at: HashMap<NodeId, std::time::Instant>,
     /// Probe round trips: smoothed mean and mean deviation in µs (RFC 6298 style).
@@ -614,27 +625,43 @@ impl Node {
                     let done = move |f| {
                         let _ = tx.send(Internal::Exec(f));
                     };
-                    let running = match (&spec.image, &self.containers) {
-                        (Some(_), Some(c)) => {
-                            c.start(&self.cfg.data_dir, spec, token, Vec::new(), done)
+                    // The engine admits a job only with enough free GPUs, so this
+                    // fails only if the two counts ever disagree.
+                    let gpus = self.gpu_pool.take(spec.resources.gpus);
+                    let running = match (&spec.image, &self.containers, &gpus) {
+                        (_, _, None) => exec::refuse(
+                            &self.cfg.data_dir,
+                            &spec,
+                            token,
+                            "not enough free GPUs on this node",
+                            done,
+                        ),
+                        (Some(_), Some(c), Some(g)) => {
+                            c.start(&self.cfg.data_dir, spec, token, g.clone(), done)
                         }
                         // The engine claims container jobs only where containers run.
-                        (Some(_), None) => exec::refuse(
+                        (Some(_), None, _) => exec::refuse(
                             &self.cfg.data_dir,
                             &spec,
                             token,
                             "this node does not run containers",
                             done,
                         ),
-                        (None, _) => {
-                            exec::start(&self.cfg.data_dir, &self.cfg.launcher, spec, token, done)
-                        }
+                        (None, _, Some(g)) => exec::start(
+                            &self.cfg.data_dir,
+                            &self.cfg.launcher,
+                            spec,
+                            token,
+                            g,
+                            done,
+                        ),
                     };
                     self.running.insert(
                         job,
                         Exec {
                             running,
                             stop: None,
+                            gpus: gpus.unwrap_or_default(),
                         },
                     );
                     self.info_dirty = true;
@@ -715,8 +742,11 @@ impl Node {
                     return;
                 };
                 if e.running.token != f.token {
+                    // Not this execution's end: keep the one that runs.
+                    self.running.insert(f.job, e);
                     return;
                 }
+                self.gpu_pool.give_back(&e.gpus);
                 if let Some(err) = &f.start_error {
                     tracing::warn!(job = %f.job, "{err}");
                 }
@@ -790,6 +820,7 @@ impl Node {
                 .saturating_sub(self.running.len() as u32),
             labels: self.cfg.engine.labels.clone(),
             containers: self.cfg.engine.containers,
+            gpus: self.cfg.gpus.clone(),
             running,
         }
     }
@@ -1051,7 +1082,7 @@ impl Node {
             self.info_dirty = false;
             self.version.1 += 1;
             let info = self.my_info();
-            self.broadcast(Bcast::Info(info));
+            self.broadcast(Bcast::Info(Box::new(info)));
         }
     }
 
@@ -1145,7 +1176,7 @@ impl Node {
                     let list = self.member_list();
                     self.send(&id, &Msg::Members(list));
                     // Everyone else learns of the joiner now, not a few gossip rounds later.
-                    self.broadcast(Bcast::Info(info));
+                    self.broadcast(Bcast::Info(Box::new(info)));
                 }
                 if new || reboot {
                     self.send_digest(&id, true);
@@ -1271,7 +1302,7 @@ impl Node {
         match body {
             // Relayed: it may be another member's info (a joiner announced by the member
             // it joined through); `ensure_member` keeps only newer versions.
-            Bcast::Info(info) => self.ensure_member(info, now),
+            Bcast::Info(info) => self.ensure_member(*info, now),
             Bcast::Changes { job, changes } => self.receive(job, changes, Kind::Change, now),
             Bcast::Down(x) => {
                 if x == self.id {
@@ -1648,6 +1679,7 @@ fn node_status(info: &NodeInfo, alive: bool, is_self: bool) -> NodeStatus {
         free_slots: info.free_slots,
         labels: info.labels.clone(),
         containers: info.containers,
+        gpus: info.gpus.clone(),
         // A node believed dead runs nothing we can count on; its last report would mislead.
         running: if alive {
             info.running.iter().map(|j| j.to_string()).collect()

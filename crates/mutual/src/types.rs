@@ -169,6 +169,8 @@ pub struct NodeStatus {
     pub labels: BTreeMap<String, String>,
     /// Whether it runs containers.
     pub containers: bool,
+    /// Its GPUs (index, model, memory).
+    pub gpus: Vec<crate::gpu::Gpu>,
     /// Jobs it runs now.
     pub running: Vec<String>,
     /// True for the node that answered.

@@ -55,6 +55,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     /// Whether it can run container jobs.
     pub containers: bool,
+    /// Its GPUs.
+    pub gpus: Vec<crate::gpu::Gpu>,
     /// Jobs it runs now (at most [`MAX_RUNNING_LISTED`]).
     pub running: Vec<JobId>,
 }
@@ -67,7 +69,7 @@ pub enum Msg {
         /// `ticket::hello_proof(secret, from, to)`.
         proof: [u8; 32],
         /// The sender.
-        info: NodeInfo,
+        info: Box<NodeInfo>,
     },
     /// The members the sender knows (on join, and in membership anti-entropy).
     Members(Vec<NodeInfo>),
@@ -104,7 +106,7 @@ pub enum Msg {
 pub enum Bcast {
     /// A node's updated info (its own, or a new member's, announced by the member it
     /// joined through).
-    Info(NodeInfo),
+    Info(Box<NodeInfo>),
     /// New automerge changes of one job document, pushed as soon as they are durable.
     Changes {
         /// The job.
