@@ -647,3 +647,37 @@ fn gpu_jobs_go_to_a_node_with_free_gpus_and_get_distinct_devices() {
     let e = c.submit(&gpu_job(3)).expect_err("no node has three GPUs");
     assert!(e.to_string().contains("3 GPUs"), "{e}");
 }
+
+#[test]
+fn each_attempt_reports_what_it_used() {
+    let (_g, _dir, _bin, nodes) = cluster(1, &["--slots", "2"]);
+    let c = nodes[0].client();
+    // A busy shell loop (CPU), and 4 GiB copied through a 4 MiB buffer (I/O, memory),
+    // which takes long enough for the 250 ms memory sampling to see the buffer.
+    let busy = c
+        .submit(&sh("i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"))
+        .expect("submit")
+        .id;
+    let copy = c
+        .submit(&JobRequest {
+            command: ["dd", "if=/dev/zero", "of=/dev/null", "bs=4M", "count=1024"]
+                .map(String::from)
+                .to_vec(),
+            ..sh("")
+        })
+        .expect("submit")
+        .id;
+    let done = wait_all_terminal(&c, &[busy.clone(), copy.clone()], 60);
+    let used = |id: &str| {
+        let s = &done[id];
+        assert_eq!(s.state, "succeeded", "{s:?}");
+        s.attempts[0].metrics.expect("metrics with the result")
+    };
+    let m = used(&busy);
+    assert!(m.wall_ms > 0, "{m:?}");
+    assert!(m.cpu_avg_millis >= 100, "a busy loop uses a CPU: {m:?}");
+    let m = used(&copy);
+    assert!(m.bytes_in >= 4 << 30, "dd read 4 GiB: {m:?}");
+    assert!(m.bytes_out >= 4 << 30, "dd wrote 4 GiB: {m:?}");
+    assert!(m.memory_peak_bytes >= 4 << 20, "a 4 MiB buffer: {m:?}");
+}

@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mutual_core::view::{ExecMetrics, Outcome};
 use mutual_core::{FencingToken, JobId, JobSpec};
@@ -218,6 +218,10 @@ pub fn start(
     };
     let pgid = child.id().map(|p| p as i32);
     tokio::spawn(async move {
+        let usage = match pgid {
+            Some(pid) => measure(pid).await,
+            None => Usage::default(),
+        };
         let status = child.wait().await;
         let exit_code = match status {
             Ok(s) => {
@@ -235,10 +239,7 @@ pub fn start(
             job,
             token,
             exit_code,
-            metrics: ExecMetrics {
-                wall_ms: began.elapsed().as_millis() as u64,
-                ..ExecMetrics::default()
-            },
+            metrics: usage.metrics(began.elapsed().as_millis() as u64),
             start_error: None,
         });
     });
@@ -247,6 +248,113 @@ pub fn start(
         token,
         log_dir,
     }
+}
+
+/// How often a running job's memory and I/O counters are sampled, at most (the first
+/// samples come sooner). Peak memory is the largest sample; CPU time and bytes are read
+/// once more when the process has exited.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What `/proc` says about a job's process: CPU time (its own and its waited-for
+/// children's), peak resident memory, and bytes read and written through system calls.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// CPU time in clock ticks.
+    pub cpu_ticks: u64,
+    /// Peak resident set, KiB.
+    pub rss_peak_kib: u64,
+    /// Bytes read (`rchar`).
+    pub read_bytes: u64,
+    /// Bytes written (`wchar`).
+    pub written_bytes: u64,
+}
+
+impl Usage {
+    fn max(self, o: Usage) -> Usage {
+        Usage {
+            cpu_ticks: self.cpu_ticks.max(o.cpu_ticks),
+            rss_peak_kib: self.rss_peak_kib.max(o.rss_peak_kib),
+            read_bytes: self.read_bytes.max(o.read_bytes),
+            written_bytes: self.written_bytes.max(o.written_bytes),
+        }
+    }
+
+    /// The measurements recorded with the result.
+    pub fn metrics(&self, wall_ms: u64) -> ExecMetrics {
+        let tick_ms = 1000 / clock_ticks_per_second().max(1);
+        let cpu_ms = self.cpu_ticks.saturating_mul(tick_ms);
+        ExecMetrics {
+            wall_ms,
+            cpu_avg_millis: u32::try_from(cpu_ms.saturating_mul(1000) / wall_ms.max(1))
+                .unwrap_or(u32::MAX),
+            memory_peak_bytes: self.rss_peak_kib.saturating_mul(1024),
+            bytes_in: self.read_bytes,
+            bytes_out: self.written_bytes,
+        }
+    }
+}
+
+fn clock_ticks_per_second() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .unwrap_or(100)
+}
+
+/// Reads `/proc/<pid>/{stat,status,io}`; what cannot be read counts as zero.
+pub fn read_usage(pid: i32) -> Usage {
+    let proc = Path::new("/proc").join(pid.to_string());
+    let mut u = Usage::default();
+    if let Ok(stat) = std::fs::read_to_string(proc.join("stat"))
+        // The command name may hold spaces: fields are counted after its closing paren.
+        && let Some((_, rest)) = stat.rsplit_once(") ")
+    {
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        // utime, stime, cutime, cstime are fields 14–17 of stat(5); `rest` starts at 3.
+        u.cpu_ticks = f.get(11..15).map_or(0, |t| t.iter().sum());
+    }
+    let field = |text: &str, key: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    if let Ok(status) = std::fs::read_to_string(proc.join("status")) {
+        u.rss_peak_kib = field(&status, "VmHWM:");
+    }
+    if let Ok(io) = std::fs::read_to_string(proc.join("io")) {
+        u.read_bytes = field(&io, "rchar:");
+        u.written_bytes = field(&io, "wchar:");
+    }
+    u
+}
+
+/// Samples the process until it exits, then reads its final CPU time from the zombie
+/// (waiting without reaping it, so `/proc` still has it; the caller reaps).
+async fn measure(pid: i32) -> Usage {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let mut exited = tokio::task::spawn_blocking(move || {
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+        while let Err(nix::errno::Errno::EINTR) = waitid(Id::Pid(Pid::from_raw(pid)), flags) {}
+    });
+    // Early samples come quickly (10, 20, 40 … ms) so short jobs are seen too.
+    let mut pause = Duration::from_millis(10);
+    let mut usage = Usage::default();
+    loop {
+        tokio::select! {
+            _ = &mut exited => break,
+            _ = tokio::time::sleep(pause) => {
+                usage = usage.max(read_usage(pid));
+                pause = (pause * 2).min(SAMPLE_INTERVAL);
+            }
+        }
+    }
+    usage.max(read_usage(pid))
 }
 
 /// Ends an execution that cannot run here at once, with exit code 125 and the reason in

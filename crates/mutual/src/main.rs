@@ -474,6 +474,16 @@ fn print_status(st: &JobStatus) {
                 .as_ref()
                 .map_or(String::new(), |r| format!(", closed ({r})")),
         );
+        if let Some(m) = &a.metrics {
+            println!(
+                "    used: {:.3} s wall, {:.2} CPU on average, {:.1} MiB peak memory, {} bytes in, {} bytes out",
+                m.wall_ms as f64 / 1000.0,
+                f64::from(m.cpu_avg_millis) / 1000.0,
+                m.memory_peak_bytes as f64 / f64::from(1u32 << 20),
+                m.bytes_in,
+                m.bytes_out
+            );
+        }
     }
 }
 

@@ -27,6 +27,9 @@ pub struct Attempt {
     pub timed_out: bool,
     /// Why its epoch was closed, if it was (`failed`, `holder_dead`, `gave_up`).
     pub expired: Option<String>,
+    /// What it used (wall time, average CPU in thousandths of a core, peak memory, bytes
+    /// read and written), if it finished.
+    pub metrics: Option<mutual_core::view::ExecMetrics>,
 }
 
 /// A job as `GET /v1/jobs/{id}` reports it.
@@ -120,6 +123,7 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
                 exit_code: result.map(|r| r.outcome.exit_code),
                 timed_out: result.is_some_and(|r| r.outcome.timed_out),
                 expired,
+                metrics: result.map(|r| r.metrics),
             }
         })
         .collect();
