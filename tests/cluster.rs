@@ -681,3 +681,39 @@ fn each_attempt_reports_what_it_used() {
     assert!(m.bytes_out >= 4 << 30, "dd wrote 4 GiB: {m:?}");
     assert!(m.memory_peak_bytes >= 4 << 20, "a 4 MiB buffer: {m:?}");
 }
+
+#[test]
+fn a_killed_nodes_containers_are_removed_and_its_container_job_taken_over() {
+    if !docker_tests() {
+        return;
+    }
+    let (_g, _dir, _bin, mut nodes) = cluster(2, &["--containers", "on"]);
+    let c = nodes[0].client();
+    let id = c
+        .submit(&in_container("sleep 60", 64 << 20))
+        .expect("submit")
+        .id;
+    let holder = eventually(30, "the container job runs", || {
+        let s = c.job(&id).ok()?;
+        (s.state == "running").then_some(s.node?)
+    });
+    let k = nodes
+        .iter()
+        .position(|n| n.id().as_deref() == Some(holder.as_str()))
+        .expect("holder");
+    nodes[k].kill();
+    let other = nodes[1 - k].client();
+    // The dead node's container goes at once (its reaper), and the survivor runs the job.
+    let s = eventually(30, "the survivor takes the job over", || {
+        let s = other.job(&id).ok()?;
+        (s.state == "running" && s.attempt == 2).then_some(s)
+    });
+    assert_ne!(s.node.as_deref(), Some(holder.as_str()));
+    eventually(10, "only the survivor's container is left", || {
+        (containers_of(&id) == 1).then_some(())
+    });
+    other.cancel(&id).expect("cancel");
+    eventually(10, "no container is left", || {
+        (containers_of(&id) == 0).then_some(())
+    });
+}

@@ -11,8 +11,10 @@
 //! fails the execution at once with exit code 125 — Docker's own code for "the container
 //! could not be run" — and says so in the job's stderr log, rather than hanging.
 //!
-//! A node that dies leaves its containers behind (Docker, not the node, is their parent),
-//! so a node removes every container labelled with its id when it starts.
+//! A node that dies would leave its containers running (Docker, not the node, is their
+//! parent) beside the takeover. So every container carries the node's id as a label, and
+//! a small reaper process (`mutual container-reaper`) that the kernel signals when the node
+//! dies (`PR_SET_PDEATHSIG`) removes them at once; a starting node removes any left over.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -58,6 +60,72 @@ pub enum ContainerError {
     },
 }
 
+async fn remove_one(docker: &Docker, name: &str) -> bool {
+    let opts = RemoveContainerOptionsBuilder::new().force(true).build();
+    docker.remove_container(name, Some(opts)).await.is_ok()
+}
+
+/// Force-removes every container labelled with `node`; returns how many.
+async fn remove_labelled(docker: &Docker, node: NodeId) -> usize {
+    let filters = HashMap::from([("label".to_string(), vec![format!("{NODE_LABEL}={node}")])]);
+    let opts = ListContainersOptionsBuilder::new()
+        .all(true)
+        .filters(&filters)
+        .build();
+    let Ok(list) = docker.list_containers(Some(opts)).await else {
+        return 0;
+    };
+    let mut removed = 0;
+    for c in list {
+        if let Some(id) = c.id
+            && remove_one(docker, &id).await
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The `mutual container-reaper` side: waits until the node (`parent`) dies — the kernel
+/// sends SIGTERM then — and removes the node's containers. Returns the exit code.
+pub fn run_reaper(parent: i32, node: NodeId) -> i32 {
+    use nix::sys::signal::Signal;
+    if nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).is_err() {
+        eprintln!("mutual container-reaper: cannot ask to be told of the node's death");
+        return 1;
+    }
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return 1;
+    };
+    rt.block_on(async {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return 1;
+        };
+        // The node may have died before the request took effect: check its pid too.
+        while nix::unistd::getppid().as_raw() == parent {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+        match Docker::connect_with_local_defaults() {
+            Ok(d) => match d.negotiate_version().await {
+                Ok(d) => {
+                    remove_labelled(&d, node).await;
+                    0
+                }
+                Err(_) => 1,
+            },
+            Err(_) => 1,
+        }
+    })
+}
+
 /// A connection to the local Docker Engine and the runtime jobs run under.
 #[derive(Debug, Clone)]
 pub struct Containers {
@@ -98,31 +166,11 @@ impl Containers {
 
     /// Removes the containers an earlier run of this node left behind.
     pub async fn remove_leftovers(&self) -> usize {
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![format!("{NODE_LABEL}={}", self.node)],
-        )]);
-        let opts = ListContainersOptionsBuilder::new()
-            .all(true)
-            .filters(&filters)
-            .build();
-        let Ok(list) = self.docker.list_containers(Some(opts)).await else {
-            return 0;
-        };
-        let mut removed = 0;
-        for c in list {
-            if let Some(id) = c.id
-                && self.remove(&id).await
-            {
-                removed += 1;
-            }
-        }
-        removed
+        remove_labelled(&self.docker, self.node).await
     }
 
     async fn remove(&self, name: &str) -> bool {
-        let opts = RemoveContainerOptionsBuilder::new().force(true).build();
-        self.docker.remove_container(name, Some(opts)).await.is_ok()
+        remove_one(&self.docker, name).await
     }
 
     /// Kills the container now (the waiter reports the end).

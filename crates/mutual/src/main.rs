@@ -145,6 +145,16 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// (Internal) Removes a node's containers when the node dies.
+    #[command(hide = true)]
+    ContainerReaper {
+        /// The node's process id.
+        #[arg(long)]
+        parent: i32,
+        /// The node's id.
+        #[arg(long)]
+        node: mutual_core::NodeId,
+    },
 }
 
 #[derive(Args)]
@@ -370,6 +380,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Demo(args) => demo::run(args),
         Cmd::JobShim { parent, command } => {
             let code = mutual::exec::run_shim(parent, &command);
+            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+        }
+        Cmd::ContainerReaper { parent, node } => {
+            let code = mutual::container::run_reaper(parent, node);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
     }

@@ -273,6 +273,21 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
                 if left > 0 {
                     tracing::info!("removed {left} containers an earlier run left behind");
                 }
+                if let Some(bin) = &cfg.launcher.shim {
+                    // Spawned from this (the main) thread, which lives as long as the
+                    // process: the death signal follows the thread that spawned.
+                    std::process::Command::new(bin)
+                        .arg("container-reaper")
+                        .arg("--parent")
+                        .arg(std::process::id().to_string())
+                        .arg("--node")
+                        .arg(id.to_string())
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .context("starting the container reaper")?;
+                }
                 Some(c)
             }
             Err(e) if mode == ContainerMode::On => bail!("--containers on: {e}"),
