@@ -529,7 +529,21 @@ fn container_jobs_run_under_docker_limits_and_are_removed() {
         })
         .expect("submit")
         .id;
-    let ids = vec![hello.clone(), over.clone(), under.clone(), missing.clone()];
+    // Long enough (64 MiB copied 64 times) for Docker's stats to be sampled.
+    let busy = c
+        .submit(&in_container(
+            "dd if=/dev/zero of=/dev/null bs=64M count=64",
+            256 << 20,
+        ))
+        .expect("submit")
+        .id;
+    let ids = vec![
+        hello.clone(),
+        over.clone(),
+        under.clone(),
+        missing.clone(),
+        busy.clone(),
+    ];
     let done = wait_all_terminal(&c, &ids, 90);
 
     let s = &done[&hello];
@@ -550,6 +564,12 @@ fn container_jobs_run_under_docker_limits_and_are_removed() {
         ("succeeded", Some(0)),
         "{s:?}"
     );
+
+    let s = &done[&busy];
+    assert_eq!(s.state, "succeeded", "{s:?}");
+    let m = s.attempts[0].metrics.expect("metrics");
+    assert!(m.memory_peak_bytes >= 64 << 20, "a 64 MiB buffer: {m:?}");
+    assert!(m.cpu_avg_millis > 0 && m.wall_ms > 0, "{m:?}");
 
     let s = &done[&missing];
     assert_eq!(

@@ -26,7 +26,7 @@ use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
-    LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
 };
 use futures_util::StreamExt;
 use mutual_core::view::ExecMetrics;
@@ -126,6 +126,33 @@ pub fn run_reaper(parent: i32, node: NodeId) -> i32 {
     })
 }
 
+/// A container's usage, as Docker's stats report it (maxima over the samples).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Used {
+    /// CPU time, ns.
+    pub cpu_ns: u64,
+    /// Peak memory, bytes.
+    pub memory_peak: u64,
+    /// Network bytes received.
+    pub rx_bytes: u64,
+    /// Network bytes sent.
+    pub tx_bytes: u64,
+}
+
+impl Used {
+    fn metrics(&self, wall_ms: u64) -> ExecMetrics {
+        let cpu_ms = self.cpu_ns / 1_000_000;
+        ExecMetrics {
+            wall_ms,
+            cpu_avg_millis: u32::try_from(cpu_ms.saturating_mul(1000) / wall_ms.max(1))
+                .unwrap_or(u32::MAX),
+            memory_peak_bytes: self.memory_peak,
+            bytes_in: self.rx_bytes,
+            bytes_out: self.tx_bytes,
+        }
+    }
+}
+
 /// A connection to the local Docker Engine and the runtime jobs run under.
 #[derive(Debug, Clone)]
 pub struct Containers {
@@ -208,8 +235,9 @@ impl Containers {
         let n = name.clone();
         tokio::spawn(async move {
             let began = Instant::now();
+            let mut used = Used::default();
             let (exit_code, start_error) = match this
-                .run(&spec, token, &gpus, &n, &out_path, &err_path)
+                .run(&spec, token, &gpus, &n, &out_path, &err_path, &mut used)
                 .await
             {
                 Ok(code) => (code, None),
@@ -230,10 +258,7 @@ impl Containers {
                 job,
                 token,
                 exit_code,
-                metrics: ExecMetrics {
-                    wall_ms: began.elapsed().as_millis() as u64,
-                    ..ExecMetrics::default()
-                },
+                metrics: used.metrics(began.elapsed().as_millis() as u64),
                 start_error,
             });
         });
@@ -247,6 +272,38 @@ impl Containers {
         }
     }
 
+    /// One stats sample of a running container, folded into `used`.
+    async fn sample(&self, name: &str, used: &mut Used) {
+        let opts = StatsOptionsBuilder::new()
+            .stream(false)
+            .one_shot(true)
+            .build();
+        let Some(Ok(s)) = self.docker.stats(name, Some(opts)).next().await else {
+            return;
+        };
+        let cpu = s
+            .cpu_stats
+            .and_then(|c| c.cpu_usage)
+            .and_then(|u| u.total_usage)
+            .unwrap_or(0);
+        let mem = s
+            .memory_stats
+            .map(|m| m.max_usage.unwrap_or(0).max(m.usage.unwrap_or(0)))
+            .unwrap_or(0);
+        let (rx, tx) = s
+            .networks
+            .unwrap_or_default()
+            .values()
+            .fold((0, 0), |(r, t), n| {
+                (r + n.rx_bytes.unwrap_or(0), t + n.tx_bytes.unwrap_or(0))
+            });
+        used.cpu_ns = used.cpu_ns.max(cpu);
+        used.memory_peak = used.memory_peak.max(mem);
+        used.rx_bytes = used.rx_bytes.max(rx);
+        used.tx_bytes = used.tx_bytes.max(tx);
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
         spec: &JobSpec,
@@ -255,6 +312,7 @@ impl Containers {
         name: &str,
         out_path: &Path,
         err_path: &Path,
+        used: &mut Used,
     ) -> Result<i32, String> {
         let image = spec.image.clone().unwrap_or_default();
         if let Some(dir) = out_path.parent() {
@@ -328,16 +386,25 @@ impl Containers {
             .stderr(true)
             .build();
         let mut stream = self.docker.logs(name, Some(logs));
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(bollard::container::LogOutput::StdOut { message }) => {
-                    let _ = out.write_all(&message).await;
+        // Docker's stats, sampled while the logs stream: early samples come quickly (50,
+        // 100, 200 ms …) so short jobs are seen too.
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(Ok(bollard::container::LogOutput::StdOut { message })) => {
+                        let _ = out.write_all(&message).await;
+                    }
+                    Some(Ok(bollard::container::LogOutput::StdErr { message })) => {
+                        let _ = err.write_all(&message).await;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+                _ = tokio::time::sleep(pause) => {
+                    self.sample(name, used).await;
+                    pause = (pause * 2).min(crate::exec::SAMPLE_INTERVAL);
                 }
-                Ok(bollard::container::LogOutput::StdErr { message }) => {
-                    let _ = err.write_all(&message).await;
-                }
-                Ok(_) => {}
-                Err(_) => break,
             }
         }
         let _ = out.flush().await;
