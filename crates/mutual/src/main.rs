@@ -465,6 +465,9 @@ fn print_status(st: &JobStatus) {
         st.exit_code.map_or("-".into(), |c| c.to_string())
     );
     println!("command:       {}", st.command.join(" "));
+    if let Some(image) = &st.image {
+        println!("image:         {image}");
+    }
     println!(
         "resources:     {} CPU, {} MiB, {} GPU",
         f64::from(st.resources.cpu_millis) / 1000.0,

@@ -57,6 +57,9 @@ pub struct JobStatus {
     pub max_attempts: u32,
     /// The command.
     pub command: Vec<String>,
+    /// The container image, for a container job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// Resources asked for.
     pub resources: Resources,
     /// Required labels.
@@ -141,6 +144,7 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
         attempts_used: d.attempts_used,
         max_attempts: spec.max_attempts,
         command: spec.command.clone(),
+        image: spec.image.clone(),
         resources: spec.resources,
         labels: spec.labels.clone(),
         timeout_ms: spec.timeout_ms,
