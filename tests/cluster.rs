@@ -737,3 +737,84 @@ fn a_killed_nodes_containers_are_removed_and_its_container_job_taken_over() {
         (containers_of(&id) == 0).then_some(())
     });
 }
+
+// ---- live logs -----------------------------------------------------------------------------
+
+#[test]
+fn logs_follow_a_running_job_and_survive_the_death_of_the_node_first_asked() {
+    use std::io::{BufRead, BufReader};
+    let (_g, _dir, bin, mut nodes) = cluster(3, &["--slots", "2"]);
+    let c = nodes[0].client();
+    let script = "for i in $(seq 1 40); do echo line-$i; echo err-$i >&2; sleep 0.05; done";
+    let id = c.submit(&sh(script)).expect("submit").id;
+    let holder = eventually(20, "the job runs", || {
+        let s = c.job(&id).ok()?;
+        (s.state == "running").then_some(s.node?)
+    });
+    // Ask a node that is not the agent, then kill it mid-stream.
+    let k = nodes
+        .iter()
+        .position(|n| n.id().as_deref() != Some(holder.as_str()))
+        .expect("another node");
+    let mut child = std::process::Command::new(&bin)
+        .args(["logs", &id, "--follow", "--node", &nodes[k].http])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mutual logs");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    assert_eq!(first, "line-1");
+    let other = nodes[(k + 1) % 3].client();
+    assert_eq!(
+        other.job(&id).expect("status").state,
+        "running",
+        "the first line arrived while the job ran"
+    );
+    nodes[k].kill();
+    let mut got = vec![first];
+    got.extend(lines.map(|l| l.expect("utf-8")));
+    let want: Vec<String> = (1..=40).map(|i| format!("line-{i}")).collect();
+    assert_eq!(got, want, "every line once, in order");
+    let status = child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "mutual logs -f ends with the job: {status:?}"
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(
+        err.contains("err-1\n") && err.contains("err-40\n"),
+        "stderr: {err}"
+    );
+}
+
+#[test]
+fn a_log_token_for_one_job_does_not_open_another() {
+    let (_g, _dir, _bin, nodes) = cluster(1, &[]);
+    let c = nodes[0].client();
+    let a = c.submit(&sh("echo secret-a")).expect("submit").id;
+    let b = c.submit(&sh("echo secret-b")).expect("submit").id;
+    wait_all_terminal(&c, &[a.clone(), b.clone()], 30);
+    let ra = c.logs(&a).expect("logs of a");
+    let ws = ra.agent.replace("http://", "ws://");
+    let open = |job: &str, token: &str| {
+        tungstenite::connect(format!(
+            "{ws}/v1/jobs/{job}/logs/stream?token={token}&attempt=1"
+        ))
+    };
+    // Its own token opens a's logs…
+    let (mut s, _) = open(&a, &ra.token).expect("a's token opens a");
+    let msg = s.read().expect("a message");
+    assert!(msg.into_data().ends_with(b"secret-a\n"));
+    // …but not b's, and a forged one opens nothing.
+    match open(&b, &ra.token) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("a's token must not open b's logs: {other:?}"),
+    }
+    match open(&a, "99999999999999.00") {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("a forged token opens nothing: {other:?}"),
+    }
+}

@@ -36,7 +36,25 @@ pub struct ApiState {
     pub token: Option<Arc<str>>,
     /// This node's ticket, as text.
     pub ticket: Arc<str>,
+    /// The cluster secret (log tokens are keyed by it).
+    pub secret: crate::ticket::ClusterSecret,
+    /// The node's data directory (where the logs are).
+    pub data_dir: Arc<std::path::Path>,
 }
+
+/// How long a log token works.
+pub const LOG_TOKEN_TTL_MS: u64 = 60_000;
+/// How often a followed log is polled for new bytes.
+pub const LOG_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+/// Most bytes sent in one WebSocket message.
+pub const LOG_CHUNK_BYTES: usize = 64 * 1024;
+/// First byte of a log message: which stream the rest came from.
+pub const LOG_STDOUT: u8 = 1;
+/// See [`LOG_STDOUT`].
+pub const LOG_STDERR: u8 = 2;
+/// The text message that ends a log stream: the execution is over (or, without
+/// `follow`, everything written so far was sent).
+pub const LOG_END: &str = "end";
 
 /// A JSON error response.
 pub fn error(
@@ -70,6 +88,7 @@ fn api_error(e: ApiError) -> Response {
             error(StatusCode::UNPROCESSABLE_ENTITY, "unschedulable", m, None)
         }
         ApiError::Full(m) => error(StatusCode::SERVICE_UNAVAILABLE, "full", m, None),
+        ApiError::NoLogs(m) => error(StatusCode::CONFLICT, "no_logs", m, None),
     }
 }
 
@@ -265,7 +284,10 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
             .and_then(|v| v.strip_prefix("Bearer "));
         let ok =
             given.is_some_and(|g| blake3::hash(g.as_bytes()) == blake3::hash(token.as_bytes()));
-        if !ok && req.uri().path() != "/healthz" {
+        // A log stream carries its own job-scoped token instead (the agent may be another
+        // node than the one the user holds a bearer token for).
+        let own_token = req.uri().path().ends_with("/logs/stream");
+        if !ok && req.uri().path() != "/healthz" && !own_token {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -277,11 +299,149 @@ async fn auth(State(state): State<ApiState>, req: Request, next: Next) -> Respon
     next.run(req).await
 }
 
+async fn logs(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    let job = match parse_id(&id) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    match ask(&state, |tx| ApiReq::LogSource(job, tx)).await {
+        Ok(Ok(src)) => {
+            let expires_at_ms = crate::node::now_ms() + LOG_TOKEN_TTL_MS;
+            let token = crate::ticket::log_token(&state.secret, job.as_bytes(), expires_at_ms);
+            axum::Json(crate::types::LogsReply {
+                id: src.job,
+                attempt: src.attempt,
+                node: src.node,
+                agent: src.agent,
+                token,
+                expires_at_ms,
+                state: src.state,
+            })
+            .into_response()
+        }
+        Ok(Err(e)) => api_error(e),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StreamQuery {
+    token: String,
+    attempt: u64,
+    #[serde(default)]
+    follow: bool,
+    /// Bytes of stdout (and of stderr) the reader already has.
+    #[serde(default)]
+    out: u64,
+    #[serde(default)]
+    err: u64,
+}
+
+/// The agent's side: the job's log files over WebSocket, as they grow. Binary messages
+/// carry a stream tag ([`LOG_STDOUT`], [`LOG_STDERR`]) then the bytes; [`LOG_END`] ends.
+async fn log_stream(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<StreamQuery>, axum::extract::rejection::QueryRejection>,
+    ws: axum::extract::ws::WebSocketUpgrade,
+) -> Response {
+    let job = match parse_id(&id) {
+        Ok(j) => j,
+        Err(r) => return r,
+    };
+    let Ok(Query(q)) = query else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "expected token, attempt, and optionally follow, out, err",
+            None,
+        );
+    };
+    if !crate::ticket::log_token_opens(
+        &state.secret,
+        job.as_bytes(),
+        &q.token,
+        crate::node::now_ms(),
+    ) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "bad_log_token",
+            "the token does not open this job's logs (or it expired)",
+            Some("token".into()),
+        );
+    }
+    ws.on_upgrade(move |socket| stream_logs(state, job, q, socket))
+}
+
+async fn stream_logs(
+    state: ApiState,
+    job: JobId,
+    q: StreamQuery,
+    mut socket: axum::extract::ws::WebSocket,
+) {
+    use axum::extract::ws::Message;
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let (out_path, err_path) = crate::exec::log_paths(&state.data_dir, job, q.attempt);
+    let mut files = [(LOG_STDOUT, out_path, q.out), (LOG_STDERR, err_path, q.err)];
+    let mut buf = vec![0u8; LOG_CHUNK_BYTES];
+    let mut over = false;
+    loop {
+        let mut sent = false;
+        for (tag, path, offset) in &mut files {
+            let Ok(mut f) = tokio::fs::File::open(&*path).await else {
+                continue;
+            };
+            if f.seek(std::io::SeekFrom::Start(*offset)).await.is_err() {
+                continue;
+            }
+            let Ok(n) = f.read(&mut buf[1..]).await else {
+                continue;
+            };
+            if n == 0 {
+                continue;
+            }
+            buf[0] = *tag;
+            let msg = Message::Binary(Bytes::copy_from_slice(&buf[..=n]));
+            if socket.send(msg).await.is_err() {
+                return;
+            }
+            *offset += n as u64;
+            sent = true;
+        }
+        if sent {
+            continue;
+        }
+        // Nothing new: the end if not following, or if the execution is over (checked
+        // after a last read, so nothing written before the end is missed).
+        if !q.follow || over {
+            let _ = socket.send(Message::Text(LOG_END.into())).await;
+            return;
+        }
+        over = match ask(&state, |tx| ApiReq::Get(job, tx)).await {
+            Ok(Some(st)) => {
+                st.attempt != q.attempt
+                    || !matches!(st.state.as_str(), "running" | "queued")
+                    || st
+                        .attempts
+                        .iter()
+                        .any(|a| a.epoch == q.attempt && a.finished_at_ms.is_some())
+            }
+            _ => true,
+        };
+        if !over {
+            tokio::time::sleep(LOG_POLL).await;
+        }
+    }
+}
+
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/v1/jobs", get(list_jobs).post(submit))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/logs", get(logs))
+        .route("/v1/jobs/{id}/logs/stream", get(log_stream))
         .route("/v1/nodes", get(nodes))
         .route("/v1/ticket", get(ticket))
         .route("/metrics", get(metrics))

@@ -56,6 +56,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// The bearer token it sends, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// A client of the node at `base` (e.g. `http://127.0.0.1:7070`).
     pub fn new(base: &str, token: Option<String>) -> Client {
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -126,6 +131,11 @@ impl Client {
     /// One job.
     pub fn job(&self, id: &str) -> Result<JobStatus, ClientError> {
         self.get(&format!("/v1/jobs/{id}"))
+    }
+
+    /// `GET /v1/jobs/{id}/logs`: where the job's logs stream from, with a token.
+    pub fn logs(&self, id: &str) -> Result<crate::types::LogsReply, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/logs"))
     }
 
     /// Jobs, optionally in one state.

@@ -1,6 +1,7 @@
 //! `mutual`: run a node (`mutual node`), or talk to one (every other subcommand).
 
 mod demo;
+mod logs;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -135,6 +136,18 @@ enum Cmd {
     },
     /// Start a local five-node cluster, run jobs, kill a node mid-run and show the takeover.
     Demo(demo::DemoArgs),
+    /// Print a job's output (stdout and stderr, each to its own), straight from the node
+    /// that runs it; `-f` follows it live, across node deaths and takeovers, until the job
+    /// ends.
+    Logs {
+        /// The job.
+        job: String,
+        /// Keep printing as the job writes, until it ends.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// (Internal) How a node starts a job: die with the node, then run the command.
     #[command(hide = true)]
     JobShim {
@@ -378,6 +391,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             conn,
         } => wait(&conn.client(), &jobs, timeout, json),
         Cmd::Demo(args) => demo::run(args),
+        Cmd::Logs { job, follow, conn } => logs::run(&conn.client(), &job, follow),
         Cmd::JobShim { parent, command } => {
             let code = mutual::exec::run_shim(parent, &command);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
@@ -642,6 +656,8 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
             node: started.api.clone(),
             token: a.api_token.map(|t| t.into()),
             ticket: ticket.clone().into(),
+            secret: started.ticket.secret,
+            data_dir: a.data_dir.clone().into(),
         };
         let app = mutual::api::router(state);
         // Without TCP_NODELAY a request whose headers and body leave in two writes waits

@@ -143,8 +143,25 @@ pub enum ApiReq {
     Cancel(JobId, oneshot::Sender<Result<CancelReply, ApiError>>),
     /// Members.
     Nodes(oneshot::Sender<Vec<NodeStatus>>),
+    /// Where a job's logs are: its current (or last) attempt and that node's API.
+    LogSource(JobId, oneshot::Sender<Result<LogSource, ApiError>>),
     /// Prometheus text.
     Metrics(oneshot::Sender<String>),
+}
+
+/// Where a job's logs can be read.
+#[derive(Debug, Clone)]
+pub struct LogSource {
+    /// The job.
+    pub job: String,
+    /// Its current (or last) attempt.
+    pub attempt: u64,
+    /// The node that runs (or ran) it.
+    pub node: String,
+    /// That node's HTTP API.
+    pub agent: String,
+    /// The job's state.
+    pub state: String,
 }
 
 /// Refusals the API turns into status codes.
@@ -167,6 +184,9 @@ pub enum ApiError {
     /// Out of room (503).
     #[error("{0}")]
     Full(String),
+    /// No logs to point at yet, or their node is gone (409).
+    #[error("{0}")]
+    NoLogs(String),
 }
 
 /// What a started node tells its owner.
@@ -1395,6 +1415,37 @@ impl Node {
 
     // ---- API -----------------------------------------------------------------------
 
+    fn log_source(&self, job: &JobId) -> Result<LogSource, ApiError> {
+        let st = self
+            .status(job)
+            .ok_or_else(|| ApiError::NotFound(job.to_string()))?;
+        let Some(node) = st.node.clone() else {
+            return Err(ApiError::NoLogs(format!(
+                "job {job} has not started anywhere yet"
+            )));
+        };
+        let http = if node == self.id.to_string() {
+            self.http.clone()
+        } else {
+            self.members
+                .values()
+                .find(|m| m.info.id.to_string() == node && m.alive)
+                .and_then(|m| m.info.http.clone())
+        };
+        let agent = http.ok_or_else(|| {
+            ApiError::NoLogs(format!(
+                "the node that runs or ran job {job} ({node}) is not reachable"
+            ))
+        })?;
+        Ok(LogSource {
+            job: st.id,
+            attempt: st.attempt,
+            node,
+            agent,
+            state: st.state,
+        })
+    }
+
     fn status(&self, job: &JobId) -> Option<JobStatus> {
         self.engine.view(job).and_then(job_status)
     }
@@ -1472,6 +1523,9 @@ impl Node {
             }
             ApiReq::Get(id, reply) => {
                 let _ = reply.send(self.status(&id));
+            }
+            ApiReq::LogSource(id, reply) => {
+                let _ = reply.send(self.log_source(&id));
             }
             ApiReq::List(state, limit, reply) => {
                 let mut out: Vec<JobStatus> = self

@@ -127,6 +127,38 @@ pub fn hello_proof(secret: &ClusterSecret, from: &[u8; 32], to: &[u8; 32]) -> [u
     *h.finalize().as_bytes()
 }
 
+fn log_mac(secret: &ClusterSecret, job: &[u8; 16], expires_ms: u64) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(&secret.0);
+    h.update(b"mutual/logs/v1");
+    h.update(job);
+    h.update(&expires_ms.to_le_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// A token that opens one job's logs on any agent of the cluster until `expires_ms`:
+/// `EXPIRY.MAC`, the MAC keyed by the cluster secret and bound to the job.
+pub fn log_token(secret: &ClusterSecret, job: &[u8; 16], expires_ms: u64) -> String {
+    let mac = data_encoding::HEXLOWER.encode(&log_mac(secret, job, expires_ms));
+    format!("{expires_ms}.{mac}")
+}
+
+/// Whether `token` opens `job`'s logs at `now_ms`.
+pub fn log_token_opens(secret: &ClusterSecret, job: &[u8; 16], token: &str, now_ms: u64) -> bool {
+    let Some((expiry, mac)) = token.split_once('.') else {
+        return false;
+    };
+    let (Ok(expires_ms), Ok(mac)) = (
+        expiry.parse::<u64>(),
+        data_encoding::HEXLOWER.decode(mac.as_bytes()),
+    ) else {
+        return false;
+    };
+    let Ok(mac) = <[u8; 32]>::try_from(mac) else {
+        return false;
+    };
+    expires_ms >= now_ms && proof_matches(&mac, &log_mac(secret, job, expires_ms))
+}
+
 /// Constant-time comparison of two proofs.
 pub fn proof_matches(a: &[u8; 32], b: &[u8; 32]) -> bool {
     blake3::Hash::from(*a) == blake3::Hash::from(*b)
@@ -135,6 +167,25 @@ pub fn proof_matches(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_token_opens_one_job_until_it_expires() {
+        let s = ClusterSecret([7; 32]);
+        let t = log_token(&s, &[1; 16], 1_000);
+        assert!(log_token_opens(&s, &[1; 16], &t, 999));
+        assert!(log_token_opens(&s, &[1; 16], &t, 1_000));
+        assert!(!log_token_opens(&s, &[1; 16], &t, 1_001), "expired");
+        assert!(!log_token_opens(&s, &[2; 16], &t, 999), "another job");
+        assert!(!log_token_opens(&ClusterSecret([8; 32]), &[1; 16], &t, 999));
+        let forged = t.replacen("1000.", "2000.", 1);
+        assert!(
+            !log_token_opens(&s, &[1; 16], &forged, 999),
+            "a later expiry"
+        );
+        for junk in ["", ".", "x.y", "5", "5.00"] {
+            assert!(!log_token_opens(&s, &[1; 16], junk, 0));
+        }
+    }
 
     fn ticket() -> Ticket {
         Ticket {

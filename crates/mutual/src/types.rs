@@ -32,6 +32,25 @@ pub struct Attempt {
     pub metrics: Option<mutual_core::view::ExecMetrics>,
 }
 
+/// `GET /v1/jobs/{id}/logs`: where to stream a job's logs from, and the token to do it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsReply {
+    /// The job.
+    pub id: String,
+    /// The attempt whose logs these are.
+    pub attempt: u64,
+    /// The node that runs (or ran) it.
+    pub node: String,
+    /// That node's API; stream from `{agent}/v1/jobs/{id}/logs/stream` over WebSocket.
+    pub agent: String,
+    /// Opens this job's logs (and no other's) on any node until `expires_at_ms`.
+    pub token: String,
+    /// When the token stops working (ms since the Unix epoch).
+    pub expires_at_ms: u64,
+    /// The job's state.
+    pub state: String,
+}
+
 /// A job as `GET /v1/jobs/{id}` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobStatus {

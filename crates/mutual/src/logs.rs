@@ -1,0 +1,119 @@
+//! `mutual logs`: a job's output, streamed over WebSocket straight from the node that runs
+//! it (any node says which one, and hands out a token for that job only).
+//!
+//! With `--follow` the command keeps going until the job ends: if the stream breaks (the
+//! agent died, or the node first asked did), it asks any live node again — the one it was
+//! given, then the others it learned of — and resumes where it was, by byte offset, so
+//! nothing is printed twice. A takeover starts a new attempt, whose output follows a marker
+//! line on stderr.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mutual::api::{LOG_END, LOG_STDERR, LOG_STDOUT};
+use mutual::client::Client;
+use mutual::types::LogsReply;
+
+/// How long `--follow` keeps trying when no node can say where the logs are.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(60);
+/// Pause between attempts to find the logs again.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+pub fn run(first: &Client, job: &str, follow: bool) -> anyhow::Result<ExitCode> {
+    // Every node it may ask: the given one first, then the members it knows of now.
+    let mut nodes = vec![first.clone()];
+    if let Ok(list) = first.nodes() {
+        nodes.extend(
+            list.iter()
+                .filter(|n| !n.is_self)
+                .filter_map(|n| n.http.as_deref())
+                .map(|h| Client::new(h, first.token().map(str::to_owned))),
+        );
+    }
+    let mut attempt = 0u64;
+    let (mut out, mut err) = (0u64, 0u64);
+    let mut stuck_since = Instant::now();
+    loop {
+        let src = nodes.iter().find_map(|c| match c.logs(job) {
+            Ok(s) => Some(Ok(s)),
+            // Unknown job, bad id: the same answer everywhere; say it now.
+            Err(
+                e @ mutual::client::ClientError::Api {
+                    status: 404 | 400, ..
+                },
+            ) => Some(Err(e)),
+            Err(_) => None,
+        });
+        let src = match src {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => return Err(e.into()),
+            None if !follow => bail!("no node could say where the logs of job {job} are"),
+            None => {
+                if stuck_since.elapsed() > GIVE_UP_AFTER {
+                    bail!("no node could say where the logs of job {job} are for 60 s");
+                }
+                std::thread::sleep(RETRY_PAUSE);
+                continue;
+            }
+        };
+        if src.attempt != attempt {
+            if attempt != 0 {
+                eprintln!(
+                    "--- attempt {} on node {} ---",
+                    src.attempt,
+                    &src.node[..10.min(src.node.len())]
+                );
+            }
+            attempt = src.attempt;
+            (out, err) = (0, 0);
+        }
+        let ended = stream(&src, follow, &mut out, &mut err);
+        let terminal = matches!(src.state.as_str(), "succeeded" | "failed" | "cancelled");
+        match ended {
+            Ok(true) if !follow || terminal => return Ok(ExitCode::SUCCESS),
+            // The execution ended but the job did not (yet): look again.
+            Ok(_) | Err(_) => {
+                stuck_since = Instant::now();
+                std::thread::sleep(RETRY_PAUSE);
+            }
+        }
+    }
+}
+
+/// Streams one attempt's logs; `Ok(true)` when the agent said the end.
+fn stream(src: &LogsReply, follow: bool, out: &mut u64, err: &mut u64) -> anyhow::Result<bool> {
+    let base = src
+        .agent
+        .strip_prefix("http://")
+        .map(|rest| format!("ws://{rest}"))
+        .with_context(|| format!("the agent's address {:?} is not http://", src.agent))?;
+    let url = format!(
+        "{base}/v1/jobs/{}/logs/stream?token={}&attempt={}&follow={follow}&out={out}&err={err}",
+        src.id, src.token, src.attempt
+    );
+    let (mut ws, _) = tungstenite::connect(url.as_str()).context("connecting to the agent")?;
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    loop {
+        match ws.read().context("reading the log stream")? {
+            tungstenite::Message::Binary(b) => {
+                let Some((&tag, bytes)) = b.split_first() else {
+                    continue;
+                };
+                if tag == LOG_STDOUT {
+                    stdout.write_all(bytes)?;
+                    stdout.flush()?;
+                    *out += bytes.len() as u64;
+                } else if tag == LOG_STDERR {
+                    stderr.write_all(bytes)?;
+                    *err += bytes.len() as u64;
+                }
+            }
+            tungstenite::Message::Text(t) if t.as_str() == LOG_END => return Ok(true),
+            tungstenite::Message::Close(_) => return Ok(false),
+            _ => {}
+        }
+    }
+}
