@@ -38,12 +38,13 @@ pub fn run(first: &Client, job: &str, follow: bool) -> anyhow::Result<ExitCode> 
     loop {
         let src = nodes.iter().find_map(|c| match c.logs(job) {
             Ok(s) => Some(Ok(s)),
-            // Unknown job, bad id: the same answer everywhere; say it now.
-            Err(
-                e @ mutual::client::ClientError::Api {
-                    status: 404 | 400, ..
-                },
-            ) => Some(Err(e)),
+            // Unknown job, bad id: the same answer everywhere; say it now. Not started yet
+            // (409): wait for it when following, say it otherwise.
+            Err(e @ mutual::client::ClientError::Api { status, .. })
+                if matches!(status, 400 | 404) || (status == 409 && !follow) =>
+            {
+                Some(Err(e))
+            }
             Err(_) => None,
         });
         let src = match src {
