@@ -74,6 +74,11 @@ pub fn run(first: &Client, job: &str, follow: bool) -> anyhow::Result<ExitCode> 
         let terminal = matches!(src.state.as_str(), "succeeded" | "failed" | "cancelled");
         match ended {
             Ok(true) if !follow || terminal => return Ok(ExitCode::SUCCESS),
+            Ok(false) | Err(_) if !follow => {
+                return ended
+                    .and_then(|_| bail!("the log stream of job {job} broke off"))
+                    .context("reading the logs from the agent");
+            }
             // The execution ended but the job did not (yet): look again.
             Ok(_) | Err(_) => {
                 stuck_since = Instant::now();
