@@ -148,6 +148,15 @@ fn read_pid(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// Submits a job that writes its pid to `pid_file` and sleeps a minute; returns the job id
+/// and, once it started, its pid.
+fn submit_sleeper(c: &Client, pid_file: &Path) -> (String, i32) {
+    let script = format!("echo $$ > {}; exec sleep 60", pid_file.display());
+    let id = c.submit(&sh(&script)).expect("submit").id;
+    let pid = eventually(20, "the job starts", || read_pid(pid_file));
+    (id, pid)
+}
+
 #[test]
 fn five_nodes_lose_two_and_no_job_is_lost_or_accepted_twice() {
     let (_g, _dir, bin, mut nodes) = cluster(5, &["--slots", "4"]);
@@ -234,15 +243,7 @@ fn a_node_with_the_wrong_secret_cannot_join() {
 fn cancel_and_timeout_kill_the_process() {
     let (_g, dir, _, nodes) = cluster(2, &[]);
     let c = nodes[0].client();
-    let pid_file = dir.path().join("cancel.pid");
-    let id = c
-        .submit(&sh(&format!(
-            "echo $$ > {}; exec sleep 60",
-            pid_file.display()
-        )))
-        .expect("submit")
-        .id;
-    let pid = eventually(20, "the job starts", || read_pid(&pid_file));
+    let (id, pid) = submit_sleeper(&c, &dir.path().join("cancel.pid"));
     assert!(pid_alive(pid));
     let r = nodes[1]
         .client()
@@ -409,16 +410,8 @@ fn the_api_token_is_required_when_set() {
 #[test]
 fn a_killed_node_leaves_no_orphaned_execution() {
     let (_g, dir, _, mut nodes) = cluster(2, &[]);
-    let pid_file = dir.path().join("orphan.pid");
     let c = nodes[0].client();
-    let id = c
-        .submit(&sh(&format!(
-            "echo $$ > {}; exec sleep 60",
-            pid_file.display()
-        )))
-        .expect("submit")
-        .id;
-    let pid = eventually(20, "the job starts", || read_pid(&pid_file));
+    let (id, pid) = submit_sleeper(&c, &dir.path().join("orphan.pid"));
     let holder = eventually(10, "the job runs", || c.job(&id).ok()?.node);
     let victim = nodes
         .iter()

@@ -4,6 +4,20 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+/// The release `mutual` binary next to the running driver.
+pub fn mutual_bin() -> anyhow::Result<PathBuf> {
+    use anyhow::Context;
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("exe dir")?.join("mutual");
+    if !bin.exists() {
+        anyhow::bail!(
+            "{} is missing: run `cargo build --release -p mutual` first",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// `bench/results/`.
 pub fn results_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results")

@@ -7,13 +7,13 @@
 //! (`-- --quick` for a smaller run). Writes `bench/results/cluster.json`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use mutual::client::Client;
 use mutual::harness::{LocalNode, start_cluster};
-use mutual_bench::{command_line, machine, results_dir, today};
+use mutual_bench::{command_line, machine, mutual_bin, results_dir, today};
 use mutual_core::{JobRequest, Resources};
 use serde_json::json;
 
@@ -47,18 +47,6 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let i = ((v.len() as f64 - 1.0) * p).round() as usize;
     v[i.min(v.len() - 1)]
-}
-
-fn mutual_bin() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("exe dir")?.join("mutual");
-    if !bin.exists() {
-        bail!(
-            "{} is missing: run `cargo build --release -p mutual` first",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {

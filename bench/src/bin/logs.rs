@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use mutual::harness::start_cluster;
-use mutual_bench::{command_line, machine, results_dir, today};
+use mutual_bench::{command_line, machine, mutual_bin, results_dir, today};
 use mutual_core::{JobRequest, Resources};
 use serde_json::json;
 
@@ -24,14 +24,7 @@ fn now_ns() -> u128 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("exe dir")?.join("mutual");
-    if !bin.exists() {
-        bail!(
-            "{} is missing: run `cargo build --release -p mutual` first",
-            bin.display()
-        );
-    }
+    let bin = mutual_bin()?;
     let root = tempfile::tempdir()?;
     let nodes = start_cluster(&bin, root.path(), 3, &["--containers", "off"])?;
     let c = nodes[0].client();

@@ -33,7 +33,7 @@ use mutual_core::view::ExecMetrics;
 use mutual_core::{FencingToken, JobSpec, NodeId};
 use tokio::io::AsyncWriteExt;
 
-use crate::exec::{Finished, Kill, Running, job_env, log_paths};
+use crate::exec::{Finished, Kill, Running, cpu_avg_millis, job_env, log_dir, log_paths};
 
 /// Exit code when the container could not be created or started (Docker's convention).
 pub const EXIT_CONTAINER_FAILED: i32 = 125;
@@ -144,8 +144,7 @@ impl Used {
         let cpu_ms = self.cpu_ns / 1_000_000;
         ExecMetrics {
             wall_ms,
-            cpu_avg_millis: u32::try_from(cpu_ms.saturating_mul(1000) / wall_ms.max(1))
-                .unwrap_or(u32::MAX),
+            cpu_avg_millis: cpu_avg_millis(cpu_ms, wall_ms),
             memory_peak_bytes: self.memory_peak,
             bytes_in: self.rx_bytes,
             bytes_out: self.tx_bytes,
@@ -196,10 +195,6 @@ impl Containers {
         remove_labelled(&self.docker, self.node).await
     }
 
-    async fn remove(&self, name: &str) -> bool {
-        remove_one(&self.docker, name).await
-    }
-
     /// Kills the container now (the waiter reports the end).
     pub fn kill(&self, name: &str) {
         let docker = self.docker.clone();
@@ -224,10 +219,7 @@ impl Containers {
         let job = spec.id;
         let epoch = u64::from(token.epoch.0);
         let (out_path, err_path) = log_paths(data_dir, job, epoch);
-        let log_dir = out_path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| data_dir.to_path_buf());
+        let log_dir = log_dir(data_dir, job);
         // Two nodes of one machine may run the same attempt (a duplicate, later fenced):
         // the node id keeps their names apart.
         let name = format!("mutual-{job}-{epoch}-{:?}", self.node);
@@ -253,7 +245,7 @@ impl Containers {
                     (EXIT_CONTAINER_FAILED, Some(msg))
                 }
             };
-            this.remove(&n).await;
+            remove_one(&this.docker, &n).await;
             done(Finished {
                 job,
                 token,

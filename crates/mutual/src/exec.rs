@@ -129,9 +129,19 @@ pub fn run_shim(parent: i32, command: &[String]) -> i32 {
     EXIT_CANNOT_START
 }
 
+/// The directory of a job's logs: `<data>/logs/<job>`.
+pub fn log_dir(data_dir: &Path, job: JobId) -> PathBuf {
+    data_dir.join("logs").join(job.to_string())
+}
+
+/// Average CPU use in thousandths of a core, from CPU time and wall time.
+pub fn cpu_avg_millis(cpu_ms: u64, wall_ms: u64) -> u32 {
+    u32::try_from(cpu_ms.saturating_mul(1000) / wall_ms.max(1)).unwrap_or(u32::MAX)
+}
+
 /// Where an execution's logs live: `<data>/logs/<job>/<epoch>.{stdout,stderr}`.
 pub fn log_paths(data_dir: &Path, job: JobId, epoch: u64) -> (PathBuf, PathBuf) {
-    let d = data_dir.join("logs").join(job.to_string());
+    let d = log_dir(data_dir, job);
     (
         d.join(format!("{epoch}.stdout")),
         d.join(format!("{epoch}.stderr")),
@@ -155,10 +165,7 @@ pub fn start(
         .join(",");
     let epoch = u64::from(token.epoch.0);
     let (out_path, err_path) = log_paths(data_dir, job, epoch);
-    let log_dir = out_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| data_dir.to_path_buf());
+    let log_dir = log_dir(data_dir, job);
     let work = data_dir.join("work").join(format!("{job}-{epoch}"));
     let began = Instant::now();
     let fail = move |msg: String| Finished {
@@ -285,8 +292,7 @@ impl Usage {
         let cpu_ms = self.cpu_ticks.saturating_mul(tick_ms);
         ExecMetrics {
             wall_ms,
-            cpu_avg_millis: u32::try_from(cpu_ms.saturating_mul(1000) / wall_ms.max(1))
-                .unwrap_or(u32::MAX),
+            cpu_avg_millis: cpu_avg_millis(cpu_ms, wall_ms),
             memory_peak_bytes: self.rss_peak_kib.saturating_mul(1024),
             bytes_in: self.read_bytes,
             bytes_out: self.written_bytes,
@@ -367,10 +373,7 @@ pub fn refuse(
     done: impl FnOnce(Finished) + Send + 'static,
 ) -> Running {
     let (_, err_path) = log_paths(data_dir, spec.id, u64::from(token.epoch.0));
-    let log_dir = err_path
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| data_dir.to_path_buf());
+    let log_dir = log_dir(data_dir, spec.id);
     let _ = std::fs::create_dir_all(&log_dir);
     let _ = std::fs::write(&err_path, format!("mutual: {reason}\n"));
     let f = Finished {

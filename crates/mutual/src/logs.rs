@@ -53,7 +53,10 @@ pub fn run(first: &Client, job: &str, follow: bool) -> anyhow::Result<ExitCode> 
             None if !follow => bail!("no node could say where the logs of job {job} are"),
             None => {
                 if stuck_since.elapsed() > GIVE_UP_AFTER {
-                    bail!("no node could say where the logs of job {job} are for 60 s");
+                    bail!(
+                        "no node could say where the logs of job {job} are for {} s",
+                        GIVE_UP_AFTER.as_secs()
+                    );
                 }
                 std::thread::sleep(RETRY_PAUSE);
                 continue;

@@ -441,6 +441,8 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         members_dirty: false,
         containers,
         gpu_pool,
+        alive_ring: vec![id],
+        neighbours: Vec::new(),
         probed_at: HashMap::new(),
         rtt: None,
         timing_floor: engine_timing,
@@ -565,6 +567,10 @@ struct Node {
     containers: Option<Containers>,
     /// GPUs not held by an execution.
     gpu_pool: gpu::Pool,
+    /// This node and the members it believes alive, sorted: the ring the overlay is on.
+    alive_ring: Vec<NodeId>,
+    /// Its overlay neighbours on that ring (see [`overlay::neighbours`]).
+    neighbours: Vec<NodeId>,
     /// When each watched node was last probed, for round-trip samples.
     probed_at: HashMap<NodeId, std::time::Instant>,
     /// Probe round trips: smoothed mean and mean deviation in µs (RFC 6298 style).
@@ -915,7 +921,7 @@ impl Node {
                 .transport
                 .link(id, info.endpoint, info.addrs.clone(), hello);
             self.links.insert(id, link);
-            self.refresh_keep();
+            self.refresh_overlay();
         }
     }
 
@@ -939,14 +945,21 @@ impl Node {
         self.det = det;
         let alive = self.det.alive_count();
         self.feed(now, Event::ClusterSize(alive));
-        self.refresh_keep();
+        self.refresh_overlay();
     }
 
-    /// Keeps the connections to overlay neighbours up while idle, and only those.
-    fn refresh_keep(&self) {
-        let nb = overlay::neighbours(&self.alive_ring(), self.id);
+    /// Recomputes the live ring and the overlay neighbours after membership or a belief
+    /// changed (not per message), and keeps the connections to those neighbours up while
+    /// idle, and only those.
+    fn refresh_overlay(&mut self) {
+        let ring = self.det.ring();
+        self.alive_ring = (0..ring.len())
+            .filter(|p| self.det.is_alive(*p))
+            .map(|p| ring[p])
+            .collect();
+        self.neighbours = overlay::neighbours(&self.alive_ring, self.id);
         for (id, link) in &self.links {
-            link.set_keep(nb.binary_search(id).is_ok());
+            link.set_keep(self.neighbours.binary_search(id).is_ok());
         }
     }
 
@@ -972,7 +985,7 @@ impl Node {
         } else {
             Event::MemberDown(id)
         };
-        self.refresh_keep();
+        self.refresh_overlay();
         self.feed(now, ev);
         let n = self.det.alive_count();
         self.feed(now, Event::ClusterSize(n));
@@ -988,15 +1001,6 @@ impl Node {
         }
     }
 
-    /// This node and the members it believes alive, sorted: the ring the overlay is on.
-    fn alive_ring(&self) -> Vec<NodeId> {
-        let ring = self.det.ring();
-        (0..ring.len())
-            .filter(|p| self.det.is_alive(*p))
-            .map(|p| ring[p])
-            .collect()
-    }
-
     /// Sends `body` to every member believed alive, down the overlay's broadcast tree.
     fn broadcast(&self, body: Bcast) {
         self.forward(self.id, body);
@@ -1004,9 +1008,8 @@ impl Node {
 
     /// Hands `body` to this node's fingers before `limit` (see [`overlay::tree_targets`]).
     fn forward(&self, limit: NodeId, body: Bcast) {
-        let ring = self.alive_ring();
         let mut msg = Msg::Tree { limit, body };
-        for (to, sub) in overlay::tree_targets(&ring, self.id, limit) {
+        for (to, sub) in overlay::tree_targets(&self.alive_ring, self.id, limit) {
             if let Msg::Tree { limit, .. } = &mut msg {
                 *limit = sub;
             }
@@ -1124,9 +1127,7 @@ impl Node {
     /// An anti-entropy partner: a random overlay neighbour, so rounds reuse the same few
     /// connections instead of dialling a new member each time.
     fn random_neighbour(&self) -> Option<NodeId> {
-        overlay::neighbours(&self.alive_ring(), self.id)
-            .into_iter()
-            .choose(&mut rand::rng())
+        self.neighbours.iter().copied().choose(&mut rand::rng())
     }
 
     /// This node and every member it knows, for membership anti-entropy.
