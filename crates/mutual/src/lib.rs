@@ -11,6 +11,7 @@ pub mod gpu;
 pub mod harness;
 pub mod net;
 pub mod node;
+pub mod seal;
 pub mod store;
 pub mod ticket;
 pub mod types;

@@ -1,0 +1,1 @@
+//! Client-side encryption and archives for the data plane (to be written).
