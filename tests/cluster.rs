@@ -791,7 +791,10 @@ fn a_log_token_for_one_job_does_not_open_another() {
     let b = c.submit(&sh("echo secret-b")).expect("submit").id;
     wait_all_terminal(&c, &[a.clone(), b.clone()], 30);
     let ra = c.logs(&a).expect("logs of a");
-    let ws = ra.agent.replace("http://", "ws://");
+    let ws = ra
+        .agent
+        .expect("the agent is reachable")
+        .replace("http://", "ws://");
     let open = |job: &str, token: &str| {
         tungstenite::connect(format!(
             "{ws}/v1/jobs/{job}/logs/stream?token={token}&attempt=1"

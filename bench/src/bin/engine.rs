@@ -35,6 +35,16 @@ fn spec(id: JobId, submitter: NodeId) -> JobSpec {
     .expect("valid spec")
 }
 
+/// A realistic blob reference: a content id, a wrapped key, two holders.
+fn blob(c: char) -> mutual_core::BlobRef {
+    mutual_core::BlobRef {
+        cid: c.to_string().repeat(64),
+        key: "c".repeat(144),
+        bytes: 1 << 20,
+        holders: vec![NodeId::from_index(1), NodeId::from_index(2)],
+    }
+}
+
 fn result(epoch: u32, claim_ms: u64, seen: BTreeSet<FencingToken>) -> Arc<ResultRec> {
     Arc::new(ResultRec {
         claim_hlc: Hlc::from_millis(claim_ms),
@@ -42,8 +52,8 @@ fn result(epoch: u32, claim_ms: u64, seen: BTreeSet<FencingToken>) -> Arc<Result
             exit_code: 0,
             timed_out: false,
         },
-        outputs: Some("a".repeat(64)),
-        logs: Some("b".repeat(64)),
+        outputs: Some(blob('a')),
+        logs: Some(blob('b')),
         metrics: ExecMetrics {
             wall_ms: 31_000,
             cpu_avg_millis: 950,

@@ -26,6 +26,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use crate::blob::BlobRef;
 use crate::derive::{JobState, derive_state, restorable_checkpoint};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{JobId, NodeId};
@@ -122,10 +123,10 @@ pub enum Event {
         outcome: Outcome,
         /// Measurements.
         metrics: ExecMetrics,
-        /// Outputs content id.
-        outputs: Option<String>,
-        /// Log content id.
-        logs: Option<String>,
+        /// The outputs blob, if any.
+        outputs: Option<BlobRef>,
+        /// The logs blob, if any.
+        logs: Option<BlobRef>,
     },
     /// The agent snapshotted a running job's checkpoint directory.
     CheckpointTaken {
@@ -133,8 +134,8 @@ pub enum Event {
         job: JobId,
         /// The token it runs under.
         token: FencingToken,
-        /// Content id of the snapshot.
-        cid: String,
+        /// The snapshot.
+        blob: BlobRef,
     },
     /// This node's own failure detector judged `node` dead (after probing it).
     Suspect(NodeId),
@@ -206,7 +207,7 @@ pub enum Command {
         /// The spec.
         spec: Arc<JobSpec>,
         /// The checkpoint to restore first, if any.
-        restore: Option<String>,
+        restore: Option<BlobRef>,
     },
     /// Stop the execution at once (kill it); report [`Event::ExecutionFinished`] when gone.
     Stop {
@@ -517,8 +518,8 @@ impl Engine {
                 outputs,
                 logs,
             } => self.on_finished(now_ms, job, token, outcome, metrics, outputs, logs),
-            Event::CheckpointTaken { job, token, cid } => {
-                self.on_checkpoint(now_ms, job, token, cid)
+            Event::CheckpointTaken { job, token, blob } => {
+                self.on_checkpoint(now_ms, job, token, blob)
             }
             Event::Suspect(node) if node == self.me => {}
             Event::Suspect(node) => {
@@ -955,7 +956,7 @@ impl Engine {
             self.fill_slots(now_ms);
             return;
         }
-        let restore = restorable_checkpoint(&entry.view).map(|(_, _, rec)| rec.cid.clone());
+        let restore = restorable_checkpoint(&entry.view).map(|(_, _, rec)| rec.blob.clone());
         entry.exec = Some(Exec {
             token,
             state: ExecState::Running,
@@ -991,8 +992,8 @@ impl Engine {
         token: FencingToken,
         outcome: Outcome,
         metrics: ExecMetrics,
-        outputs: Option<String>,
-        logs: Option<String>,
+        outputs: Option<BlobRef>,
+        logs: Option<BlobRef>,
     ) {
         let Some(entry) = self.jobs.get_mut(&job) else {
             return;
@@ -1058,7 +1059,7 @@ impl Engine {
         self.fill_slots(now_ms);
     }
 
-    fn on_checkpoint(&mut self, now_ms: u64, job: JobId, token: FencingToken, cid: String) {
+    fn on_checkpoint(&mut self, now_ms: u64, job: JobId, token: FencingToken, blob: BlobRef) {
         let Some(entry) = self.jobs.get_mut(&job) else {
             return;
         };
@@ -1078,7 +1079,7 @@ impl Engine {
         let seen = entry.view.claims_from(token.epoch);
         let rec = CheckpointRec {
             claim_hlc: token.hlc,
-            cid,
+            blob,
             hlc,
             seen,
         };

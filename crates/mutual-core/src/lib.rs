@@ -5,7 +5,7 @@
 //! deterministic simulator (`mutual-sim`) drive the same [`engine::Engine`].
 //!
 //! - [`ids`], [`hlc`], [`token`]: identities, hybrid logical clocks, fencing tokens.
-//! - [`spec`]: job requests and their validation.
+//! - [`spec`]: job requests and their validation; [`blob`]: references to data-plane blobs.
 //! - [`view`]: a job document as a set of typed records; [`doc`]: its automerge encoding.
 //! - [`derive`]: `derive_state`, the job's state as a pure function of its records.
 //! - [`engine`]: the per-node claim engine (`handle(now, event) -> commands`).
@@ -16,6 +16,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod blob;
 pub mod derive;
 pub mod doc;
 pub mod engine;
@@ -29,6 +30,7 @@ pub mod spec;
 pub mod token;
 pub mod view;
 
+pub use blob::BlobRef;
 pub use derive::{Derived, JobState, derive_state};
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{JobId, NodeId};

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob::BlobRef;
 use crate::hlc::Hlc;
 use crate::ids::{JobId, NodeId};
 
@@ -28,6 +29,8 @@ pub const MAX_LABELS: usize = 32;
 pub const MAX_IMAGE_LEN: usize = 255;
 /// Most inputs.
 pub const MAX_INPUTS: usize = 64;
+/// Allowed checkpoint intervals: 100 ms to a day.
+pub const CHECKPOINT_INTERVAL_MS: std::ops::RangeInclusive<u64> = 100..=86_400_000;
 /// Largest CPU request, in millicores (1,024 cores).
 pub const MAX_CPU_MILLIS: u32 = 1_024_000;
 /// Largest memory request, in bytes (16 TiB).
@@ -102,8 +105,10 @@ pub struct JobRequest {
     pub timeout_ms: Option<u64>,
     /// Counted failures allowed before the job fails.
     pub max_attempts: Option<u32>,
-    /// Content ids of inputs.
-    pub inputs: Vec<String>,
+    /// Inputs: encrypted blobs the agent presents, decrypted, in `MUTUAL_INPUT_DIR`.
+    pub inputs: Vec<BlobRef>,
+    /// How often the agent snapshots `MUTUAL_CHECKPOINT_DIR` (the node's default if unset).
+    pub checkpoint_interval_ms: Option<u64>,
 }
 
 /// An accepted job's immutable specification, as stored in the job document.
@@ -132,8 +137,11 @@ pub struct JobSpec {
     pub timeout_ms: Option<u64>,
     /// Counted failures allowed.
     pub max_attempts: u32,
-    /// Input content ids.
-    pub inputs: Vec<String>,
+    /// Inputs.
+    pub inputs: Vec<BlobRef>,
+    /// Checkpoint interval, if the submitter chose one.
+    #[serde(default)]
+    pub checkpoint_interval_ms: Option<u64>,
     /// When it was accepted.
     pub submitted_at: Hlc,
     /// The node that accepted it.
@@ -348,13 +356,18 @@ impl JobRequest {
                 ),
             );
         }
-        for (i, cid) in self.inputs.iter().enumerate() {
-            if cid.len() != 64 || !cid.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return err(
-                    format!("inputs[{i}]"),
-                    "must be a 64-digit hex BLAKE3 content id",
-                );
+        for (i, input) in self.inputs.iter().enumerate() {
+            if let Err(problem) = input.check() {
+                return err(format!("inputs[{i}]"), problem);
             }
+        }
+        if let Some(c) = self.checkpoint_interval_ms
+            && !CHECKPOINT_INTERVAL_MS.contains(&c)
+        {
+            return err(
+                "checkpoint_interval_ms",
+                format!("must be within {CHECKPOINT_INTERVAL_MS:?}"),
+            );
         }
 
         Ok(JobSpec {
@@ -370,6 +383,7 @@ impl JobRequest {
             timeout_ms: self.timeout_ms,
             max_attempts,
             inputs: self.inputs,
+            checkpoint_interval_ms: self.checkpoint_interval_ms,
             submitted_at,
             submitter,
         })

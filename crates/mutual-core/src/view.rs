@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob::BlobRef;
 use crate::hlc::Hlc;
 use crate::ids::NodeId;
 use crate::spec::JobSpec;
@@ -72,10 +73,10 @@ pub struct ResultRec {
     pub claim_hlc: Hlc,
     /// How it ended.
     pub outcome: Outcome,
-    /// Content id of the outputs, if any.
-    pub outputs: Option<String>,
-    /// Content id of the log, if any.
-    pub logs: Option<String>,
+    /// The outputs (`MUTUAL_OUTPUT_DIR`), if the execution wrote any.
+    pub outputs: Option<BlobRef>,
+    /// The execution's stdout and stderr, if it wrote any.
+    pub logs: Option<BlobRef>,
     /// Measurements.
     pub metrics: ExecMetrics,
     /// When it was written.
@@ -89,8 +90,8 @@ pub struct ResultRec {
 pub struct CheckpointRec {
     /// HLC of the writer's claim.
     pub claim_hlc: Hlc,
-    /// Content id of the snapshot.
-    pub cid: String,
+    /// The snapshot of the checkpoint directory.
+    pub blob: BlobRef,
     /// When it was written.
     pub hlc: Hlc,
     /// Claims of this epoch and later the writer held when writing.

@@ -172,7 +172,7 @@ fn fencing_allows_checkpoints_written_before_the_fence() {
     );
     let d = derive_state(&v);
     let (t, seq, rec) = restorable_checkpoint(&v).expect("checkpoint 1 counts");
-    assert_eq!((t, seq, rec.cid.as_str()), (ta, 1, "before-fence"));
+    assert_eq!((t, seq, rec.blob.cid.as_str()), (ta, 1, "before-fence"));
     // Only checkpoint 2 was a fenced write; restoring checkpoint 1 violates nothing.
     assert_eq!(
         check_fencing(&v, &d, &BTreeSet::from([(ta, Some(2))])),

@@ -515,7 +515,7 @@ impl Harness {
                     seq,
                     rec: Arc::new(CheckpointRec {
                         claim_hlc: Hlc(writer.1),
-                        cid: format!("ckpt-{}-{seq}", writer.1),
+                        blob: common::blob(&format!("ckpt-{}-{seq}", writer.1)),
                         hlc: Hlc(hlc),
                         seen: seen.into_iter().map(to_token).collect(),
                     }),

@@ -325,7 +325,7 @@ fn fenced_checkpoint_is_not_restorable() {
     records.push(checkpoint(1, n1, 5, 1, "ck5-fenced", 38000, [own, e2]));
     let view = view_of(3, &records);
     let (t, seq, rec) = restorable_checkpoint(&view).expect("seq 4 counts");
-    assert_eq!((t, seq, rec.cid.as_str()), (own, 4, "ck4"));
+    assert_eq!((t, seq, rec.blob.cid.as_str()), (own, 4, "ck4"));
 
     // Without the earlier checkpoints there is nothing to restore at all.
     let only_fenced = view_of(
@@ -444,7 +444,7 @@ fn engine_writes_nothing_after_it_is_fenced() {
             Event::CheckpointTaken {
                 job,
                 token: t1,
-                cid: "late".into(),
+                blob: common::blob("late"),
             },
         )
         .expect("checkpoint");

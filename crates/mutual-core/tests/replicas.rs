@@ -264,7 +264,7 @@ impl World {
                         exit_code: exit,
                         timed_out: false,
                     },
-                    outputs: Some(format!("out-{r}-{}", epoch.0)),
+                    outputs: Some(common::blob(&format!("out-{r}-{}", epoch.0))),
                     logs: None,
                     metrics: ExecMetrics::default(),
                     hlc: self.stamp(r),
@@ -338,7 +338,7 @@ impl World {
                     let seq = rep.ckpt_seq;
                     let rec = CheckpointRec {
                         claim_hlc: token.hlc,
-                        cid: format!("ckpt-{r}-{seq}"),
+                        blob: common::blob(&format!("ckpt-{r}-{seq}")),
                         hlc: self.stamp(r),
                         seen,
                     };
@@ -909,7 +909,7 @@ impl Sim {
                 Event::CheckpointTaken {
                     job,
                     token,
-                    cid: format!("ck-{node}-{n}"),
+                    blob: common::blob(&format!("ck-{node}-{n}")),
                 },
             )?,
             Ev::Cancel { node } => self.handle(node, Event::Cancel { job })?,

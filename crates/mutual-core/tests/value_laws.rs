@@ -7,6 +7,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use mutual_core::BlobRef;
 use mutual_core::derive::{derive_state, result_counts};
 use mutual_core::doc::JobDoc;
 use mutual_core::hlc::{COUNTER_BITS, Hlc, HlcClock};
@@ -355,7 +356,18 @@ fn arb_request() -> impl Strategy<Value = JobRequest> {
             }),
     );
     let inputs = vec(
-        prop_oneof!["[0-9a-f]{64}", "[0-9a-fA-F]{63,65}", ".*",],
+        (
+            prop_oneof!["[0-9a-f]{64}", "[0-9a-fA-F]{63,65}", ".*",],
+            prop_oneof!["[0-9a-f]{144}", ".{0,8}", "[0-9a-f]{257}"],
+            any::<u64>(),
+            0usize..10,
+        )
+            .prop_map(|(cid, key, bytes, holders)| BlobRef {
+                cid,
+                key,
+                bytes,
+                holders: (0..holders as u64).map(NodeId::from_index).collect(),
+            }),
         0..4,
     );
     let command = prop_oneof![
@@ -399,6 +411,7 @@ fn arb_request() -> impl Strategy<Value = JobRequest> {
                 timeout_ms,
                 max_attempts,
                 inputs,
+                checkpoint_interval_ms: None,
             },
         )
 }
@@ -427,6 +440,7 @@ proptest! {
                 prop_assert!(spec.timeout_ms.is_none_or(|t| (1..=MAX_TIMEOUT_MS).contains(&t)));
                 prop_assert!((1..=MAX_ATTEMPTS_LIMIT).contains(&spec.max_attempts));
                 prop_assert!(spec.inputs.len() <= MAX_INPUTS);
+                prop_assert!(spec.inputs.iter().all(|i| i.check().is_ok()));
                 prop_assert!(spec.env.keys().all(|k| !k.starts_with("MUTUAL_")));
                 prop_assert_eq!(&spec.command, &req.command);
                 prop_assert_eq!(&spec.env, &req.env);
@@ -512,8 +526,15 @@ fn arb_seen() -> impl Strategy<Value = BTreeSet<FencingToken>> {
     )
 }
 
-fn arb_cid() -> impl Strategy<Value = String> {
-    prop_oneof!["[0-9a-f]{64}", ".*", Just(String::new())]
+fn arb_cid() -> impl Strategy<Value = BlobRef> {
+    (
+        prop_oneof!["[0-9a-f]{64}", ".*", Just(String::new())],
+        any::<u64>(),
+    )
+        .prop_map(|(cid, bytes)| BlobRef {
+            bytes,
+            ..common::blob(&cid)
+        })
 }
 
 fn arb_record() -> impl Strategy<Value = Record> {
@@ -554,7 +575,7 @@ fn arb_record() -> impl Strategy<Value = Record> {
                 epoch,
                 node,
                 seq,
-                rec: Arc::new(CheckpointRec { claim_hlc, cid, hlc, seen }),
+                rec: Arc::new(CheckpointRec { claim_hlc, blob: cid, hlc, seen }),
             }),
         2 => (
             (arb_epoch(), arb_small_node(), arb_hlc(), any::<i32>(), any::<bool>()),
@@ -606,6 +627,7 @@ fn arb_spec() -> impl Strategy<Value = JobSpec> {
                     timeout_ms,
                     max_attempts,
                     inputs: Vec::new(),
+                    checkpoint_interval_ms: None,
                     submitted_at,
                     submitter: NodeId::from_index(0),
                 }

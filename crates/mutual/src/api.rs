@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::node::{ApiError, ApiReq};
-use crate::types::{ErrorBody, ErrorDetail, TicketReply};
+use crate::types::{BlobAccess, BlobStored, ErrorBody, ErrorDetail, TicketReply};
 
 /// Default and largest page of `GET /v1/jobs`.
 pub const DEFAULT_LIST_LIMIT: usize = 1_000;
@@ -40,6 +40,8 @@ pub struct ApiState {
     pub secret: crate::ticket::ClusterSecret,
     /// The node's data directory (where the logs are).
     pub data_dir: Arc<std::path::Path>,
+    /// The data plane (uploads, downloads, key wrapping).
+    pub io: crate::jobio::JobIo,
 }
 
 /// How long a log token works.
@@ -149,7 +151,7 @@ async fn submit(
             None,
         );
     }
-    let request = match JobRequest::from_json(&body) {
+    let mut request = match JobRequest::from_json(&body) {
         Ok(r) => r,
         Err(e) => {
             let status = if body.len() > mutual_core::spec::MAX_REQUEST_BYTES {
@@ -165,7 +167,22 @@ async fn submit(
             );
         }
     };
-    match ask(&state, |tx| ApiReq::Submit(request, tx)).await {
+    // Clients send inputs' data keys in the clear (to this node only); the job document,
+    // which every node replicates and stores, gets them wrapped under the cluster key.
+    for (i, input) in request.inputs.iter_mut().enumerate() {
+        match crate::seal::BlobKey::from_hex(&input.key) {
+            Ok(k) => input.key = crate::seal::wrap_key(&state.secret.0, &k),
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "an input's key must be its 32-byte data key in hex (64 digits)",
+                    Some(format!("inputs[{i}].key")),
+                );
+            }
+        }
+    }
+    match ask(&state, |tx| ApiReq::Submit(Box::new(request), tx)).await {
         Ok(Ok(st)) => (StatusCode::CREATED, axum::Json(st)).into_response(),
         Ok(Err(e)) => api_error(e),
         Err(r) => r,
@@ -308,11 +325,17 @@ async fn logs(State(state): State<ApiState>, Path(id): Path<String>) -> Response
         Ok(Ok(src)) => {
             let expires_at_ms = crate::node::now_ms() + LOG_TOKEN_TTL_MS;
             let token = crate::ticket::log_token(&state.secret, job.as_bytes(), expires_at_ms);
+            let stored = match src.stored.as_ref().map(|b| access(&state, b)).transpose() {
+                Ok(s) => s,
+                Err(r) => return r,
+            };
             axum::Json(crate::types::LogsReply {
                 id: src.job,
                 attempt: src.attempt,
                 node: src.node,
                 agent: src.agent,
+                stored,
+                ended: src.ended,
                 token,
                 expires_at_ms,
                 state: src.state,
@@ -435,6 +458,187 @@ async fn stream_logs(
     }
 }
 
+/// A stored blob as a client needs it: its key unwrapped.
+fn access(state: &ApiState, blob: &mutual_core::BlobRef) -> Result<BlobAccess, Response> {
+    let key = crate::seal::unwrap_key(&state.secret.0, &blob.key).map_err(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "bad_blob_key",
+            format!(
+                "the key of blob {} does not open under this cluster's key: {e}",
+                blob.cid
+            ),
+            None,
+        )
+    })?;
+    Ok(BlobAccess {
+        cid: blob.cid.clone(),
+        key: key.to_hex(),
+        bytes: blob.bytes,
+        holders: blob.holders.clone(),
+    })
+}
+
+/// `GET /v1/jobs/{id}/outputs`: what the client needs to download the outputs.
+async fn outputs(State(state): State<ApiState>, Path(id): Path<String>) -> Response {
+    let id = match parse_id(&id) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let st = match ask(&state, |tx| ApiReq::Get(id, tx)).await {
+        Ok(Some(st)) => st,
+        Ok(None) => return api_error(ApiError::NotFound(id.to_string())),
+        Err(r) => return r,
+    };
+    match &st.outputs {
+        Some(b) => match access(&state, b) {
+            Ok(a) => axum::Json(a).into_response(),
+            Err(r) => r,
+        },
+        None => error(
+            StatusCode::CONFLICT,
+            "no_outputs",
+            if matches!(st.state.as_str(), "succeeded" | "failed" | "cancelled") {
+                format!(
+                    "job {id} ended ({}) without writing to MUTUAL_OUTPUT_DIR",
+                    st.state
+                )
+            } else {
+                format!("job {id} has not ended yet ({})", st.state)
+            },
+            None,
+        ),
+    }
+}
+
+/// `PUT /v1/blobs`: stores the (already encrypted) body as a blob and has it copied to
+/// other nodes before answering.
+async fn put_blob(State(state): State<ApiState>, body: axum::body::Body) -> Response {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let io = &state.io;
+    let fail = |code: StatusCode, what: &str, e: &dyn std::fmt::Display| {
+        error(code, "blob_not_stored", format!("{what}: {e}"), None)
+    };
+    if let Err(e) = tokio::fs::create_dir_all(&io.tmp_dir).await {
+        return fail(StatusCode::INTERNAL_SERVER_ERROR, "temporary directory", &e);
+    }
+    let tmp = match tempfile::NamedTempFile::new_in(&io.tmp_dir) {
+        Ok(t) => t,
+        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, "temporary file", &e),
+    };
+    let file = match tmp.reopen() {
+        Ok(f) => f,
+        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, "temporary file", &e),
+    };
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
+    let mut stream = body.into_data_stream();
+    let mut received: u64 = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => return fail(StatusCode::BAD_REQUEST, "reading the body", &e),
+        };
+        received += chunk.len() as u64;
+        if received > mutual_core::blob::MAX_BLOB_BYTES {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "blob_too_large",
+                format!(
+                    "a blob may have at most {} bytes",
+                    mutual_core::blob::MAX_BLOB_BYTES
+                ),
+                None,
+            );
+        }
+        if let Err(e) = file.write_all(&chunk).await {
+            return fail(StatusCode::INSUFFICIENT_STORAGE, "writing the blob", &e);
+        }
+    }
+    if let Err(e) = file.flush().await {
+        return fail(StatusCode::INSUFFICIENT_STORAGE, "writing the blob", &e);
+    }
+    drop(file);
+    let (hash, bytes) = match io.blobs.add_file(tmp.path()).await {
+        Ok(x) => x,
+        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, "storing the blob", &e),
+    };
+    drop(tmp);
+    let holders = io.copy(hash).await;
+    (
+        StatusCode::CREATED,
+        axum::Json(BlobStored {
+            cid: hash.to_hex(),
+            bytes,
+            holders,
+        }),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlobQuery {
+    /// Nodes to fetch from first (comma-separated ids).
+    #[serde(default)]
+    holders: String,
+}
+
+/// `GET /v1/blobs/{cid}`: the blob's (encrypted) bytes, fetched from its holders first if
+/// this node lacks it.
+async fn get_blob(
+    State(state): State<ApiState>,
+    Path(cid): Path<String>,
+    query: Result<Query<BlobQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let hash = match crate::blobs::parse_cid(&cid) {
+        Ok(h) => h,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_cid",
+                e.to_string(),
+                Some("cid".into()),
+            );
+        }
+    };
+    let holders: Vec<mutual_core::NodeId> = match query {
+        Ok(Query(q)) => q
+            .holders
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .take(mutual_core::blob::MAX_HOLDERS)
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "the query takes `holders` (comma-separated node ids)",
+                None,
+            );
+        }
+    };
+    if let Err(e) = state.io.blobs.fetch(hash, &holders).await {
+        return error(
+            StatusCode::NOT_FOUND,
+            "blob_unavailable",
+            e.to_string(),
+            None,
+        );
+    }
+    let size = state.io.blobs.complete_size(hash).await.unwrap_or(0);
+    let stream = tokio_util::io::ReaderStream::with_capacity(state.io.blobs.reader(hash), 1 << 20);
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -442,6 +646,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/logs", get(logs))
         .route("/v1/jobs/{id}/logs/stream", get(log_stream))
+        .route("/v1/jobs/{id}/outputs", get(outputs))
+        .route(
+            "/v1/blobs",
+            axum::routing::put(put_blob).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/v1/blobs/{cid}", get(get_blob))
         .route("/v1/nodes", get(nodes))
         .route("/v1/ticket", get(ticket))
         .route("/metrics", get(metrics))

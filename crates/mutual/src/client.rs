@@ -6,7 +6,9 @@ use std::time::Duration;
 use mutual_core::JobRequest;
 use serde::de::DeserializeOwned;
 
-use crate::types::{CancelReply, ErrorBody, JobStatus, NodeStatus, TicketReply};
+use crate::types::{
+    BlobAccess, BlobStored, CancelReply, ErrorBody, JobStatus, NodeStatus, TicketReply,
+};
 
 /// Default node URL when neither `--node` nor `MUTUAL_NODE` is given.
 pub const DEFAULT_NODE: &str = "http://127.0.0.1:7070";
@@ -53,7 +55,13 @@ pub struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// For blob transfers: no overall limit, only on silence.
+    bulk: ureq::Agent,
 }
+
+/// A blob transfer fails after this long without a byte moving (or, for an upload, this
+/// long waiting for the node to store and copy it).
+pub const TRANSFER_STALL: Duration = Duration::from_secs(600);
 
 impl Client {
     /// The bearer token it sends, if any.
@@ -68,10 +76,18 @@ impl Client {
             .timeout_global(Some(REQUEST_TIMEOUT))
             .build()
             .into();
+        let bulk: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(REQUEST_TIMEOUT))
+            .timeout_per_read(Some(TRANSFER_STALL))
+            .timeout_per_write(Some(TRANSFER_STALL))
+            .build()
+            .into();
         Client {
             base: base.trim_end_matches('/').to_string(),
             token,
             agent,
+            bulk,
         }
     }
 
@@ -160,6 +176,42 @@ impl Client {
     /// A join ticket.
     pub fn ticket(&self) -> Result<String, ClientError> {
         self.get::<TicketReply>("/v1/ticket").map(|t| t.ticket)
+    }
+
+    /// `PUT /v1/blobs`: stores (already encrypted) bytes as a blob; the answer comes once
+    /// the node has them and other nodes confirmed copies.
+    pub fn put_blob(&self, body: impl std::io::Read + 'static) -> Result<BlobStored, ClientError> {
+        let req = self
+            .auth(self.bulk.put(&format!("{}/v1/blobs", self.base)))
+            .header("Content-Type", "application/octet-stream");
+        self.finish(req.send(ureq::SendBody::from_owned_reader(body)))
+    }
+
+    /// `GET /v1/blobs/{cid}`: a reader of the blob's encrypted bytes (the node fetches it
+    /// from `holders` first if it lacks it).
+    pub fn get_blob(
+        &self,
+        cid: &str,
+        holders: &[mutual_core::NodeId],
+    ) -> Result<impl std::io::Read + use<>, ClientError> {
+        let holders: Vec<String> = holders.iter().map(ToString::to_string).collect();
+        let url = format!("{}/v1/blobs/{cid}?holders={}", self.base, holders.join(","));
+        let r = self.auth(self.bulk.get(&url)).call();
+        let resp = r.map_err(|e| ClientError::Unreachable {
+            url: self.base.clone(),
+            reason: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(resp.into_body().into_with_config().limit(u64::MAX).reader());
+        }
+        self.finish::<serde_json::Value>(Ok(resp))
+            .and_then(|v| Err(ClientError::Decode(format!("status {status}: {v}"))))
+    }
+
+    /// `GET /v1/jobs/{id}/outputs`: how to download a job's outputs.
+    pub fn outputs(&self, id: &str) -> Result<BlobAccess, ClientError> {
+        self.get(&format!("/v1/jobs/{id}/outputs"))
     }
 
     /// The Prometheus metrics text.

@@ -214,8 +214,10 @@ impl Containers {
         spec: Arc<JobSpec>,
         token: FencingToken,
         gpus: Vec<u32>,
+        dirs: &crate::jobio::ExecDirs,
         done: impl FnOnce(Finished) + Send + 'static,
     ) -> Running {
+        let (dir_env, binds) = dirs.container_env_and_binds();
         let job = spec.id;
         let epoch = u64::from(token.epoch.0);
         let (out_path, err_path) = log_paths(data_dir, job, epoch);
@@ -229,7 +231,15 @@ impl Containers {
             let began = Instant::now();
             let mut used = Used::default();
             let (exit_code, start_error) = match this
-                .run(&spec, token, &gpus, &n, &out_path, &err_path, &mut used)
+                .run(
+                    &spec,
+                    token,
+                    &gpus,
+                    (dir_env, binds),
+                    &n,
+                    (&out_path, &err_path),
+                    &mut used,
+                )
                 .await
             {
                 Ok(code) => (code, None),
@@ -301,9 +311,9 @@ impl Containers {
         spec: &JobSpec,
         token: FencingToken,
         gpus: &[u32],
+        (dir_env, binds): (Vec<(String, String)>, Vec<String>),
         name: &str,
-        out_path: &Path,
-        err_path: &Path,
+        (out_path, err_path): (&Path, &Path),
         used: &mut Used,
     ) -> Result<i32, String> {
         let image = spec.image.clone().unwrap_or_default();
@@ -318,7 +328,7 @@ impl Containers {
         let mut err = tokio::fs::File::create(err_path)
             .await
             .map_err(|e| format!("cannot create the stderr log: {e}"))?;
-        let env: Vec<String> = job_env(spec, token, None)
+        let env: Vec<String> = job_env(spec, token, dir_env)
             .into_iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
@@ -333,6 +343,7 @@ impl Containers {
             pids_limit: Some(PIDS_LIMIT),
             runtime: Some(self.runtime.clone()),
             privileged: Some(false),
+            binds: Some(binds),
             device_requests: (!gpus.is_empty()).then(|| {
                 vec![DeviceRequest {
                     driver: Some("nvidia".to_string()),

@@ -55,6 +55,8 @@ pub struct Running {
 pub enum Kill {
     /// A process group (`None`: it never started).
     Process(Option<i32>),
+    /// Not started yet: its data is being fetched; notifying ends that.
+    Staging(std::sync::Arc<tokio::sync::Notify>),
     /// A container.
     Container {
         /// The Docker connection.
@@ -74,13 +76,18 @@ impl Running {
                 let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
             }
             Kill::Process(None) => {}
+            Kill::Staging(stop) => stop.notify_one(),
             Kill::Container { containers, name } => containers.kill(name),
         }
     }
 }
 
 /// The environment a job sees: its own variables, then the `MUTUAL_*` ones (which win).
-pub fn job_env(spec: &JobSpec, token: FencingToken, work: Option<&Path>) -> Vec<(String, String)> {
+pub fn job_env(
+    spec: &JobSpec,
+    token: FencingToken,
+    dirs: Vec<(String, String)>,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = spec
         .env
         .iter()
@@ -89,9 +96,7 @@ pub fn job_env(spec: &JobSpec, token: FencingToken, work: Option<&Path>) -> Vec<
     env.push(("MUTUAL_JOB_ID".into(), spec.id.to_string()));
     env.push(("MUTUAL_ATTEMPT".into(), token.epoch.0.to_string()));
     env.push(("MUTUAL_FENCING_TOKEN".into(), token.to_string()));
-    if let Some(w) = work {
-        env.push(("MUTUAL_WORK_DIR".into(), w.display().to_string()));
-    }
+    env.extend(dirs);
     env
 }
 
@@ -155,9 +160,11 @@ pub fn start(
     spec: Arc<JobSpec>,
     token: FencingToken,
     gpus: &[u32],
+    dirs: &crate::jobio::ExecDirs,
     done: impl FnOnce(Finished) + Send + 'static,
 ) -> Running {
     let job = spec.id;
+    let mut dir_env = dirs.env();
     let cuda = gpus
         .iter()
         .map(u32::to_string)
@@ -196,7 +203,8 @@ pub fn start(
             }
             None => tokio::process::Command::new(program),
         };
-        cmd.args(args).envs(job_env(&spec, token, Some(&work)));
+        dir_env.push(("MUTUAL_WORK_DIR".into(), work.display().to_string()));
+        cmd.args(args).envs(job_env(&spec, token, dir_env));
         if !cuda.is_empty() {
             // The devices this execution got, and only those.
             cmd.env("CUDA_VISIBLE_DEVICES", &cuda);

@@ -37,7 +37,7 @@ pub fn run(first: &Client, job: &str, follow: bool) -> anyhow::Result<ExitCode> 
     let mut stuck_since = Instant::now();
     loop {
         let src = nodes.iter().find_map(|c| match c.logs(job) {
-            Ok(s) => Some(Ok(s)),
+            Ok(s) => Some(Ok((c, s))),
             // Unknown job, bad id: the same answer everywhere; say it now. Not started yet
             // (409): wait for it when following, say it otherwise.
             Err(e @ mutual::client::ClientError::Api { status, .. })
@@ -47,7 +47,7 @@ pub fn run(first: &Client, job: &str, follow: bool) -> anyhow::Result<ExitCode> 
             }
             Err(_) => None,
         });
-        let src = match src {
+        let (client, src) = match src {
             Some(Ok(s)) => s,
             Some(Err(e)) => return Err(e.into()),
             None if !follow => bail!("no node could say where the logs of job {job} are"),
@@ -73,8 +73,24 @@ pub fn run(first: &Client, job: &str, follow: bool) -> anyhow::Result<ExitCode> 
             attempt = src.attempt;
             (out, err) = (0, 0);
         }
-        let ended = stream(&src, follow, &mut out, &mut err);
         let terminal = matches!(src.state.as_str(), "succeeded" | "failed" | "cancelled");
+        if src.ended && (src.stored.is_some() || src.agent.is_none()) {
+            // The attempt is over: its log is a blob any node serves (or it wrote nothing).
+            if let Some(stored) = &src.stored {
+                let mut o = Skip::new(std::io::stdout(), out);
+                let mut e = Skip::new(std::io::stderr(), err);
+                mutual::transfer::download_logs(client, stored, &mut o, &mut e)
+                    .context("reading the stored logs")?;
+                (out, err) = (o.seen, e.seen);
+            }
+            if terminal || !follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            stuck_since = Instant::now();
+            std::thread::sleep(RETRY_PAUSE);
+            continue;
+        }
+        let ended = stream(&src, follow, &mut out, &mut err);
         match ended {
             Ok(true) if !follow || terminal => return Ok(ExitCode::SUCCESS),
             Ok(false) | Err(_) if !follow => {
@@ -95,6 +111,8 @@ pub fn run(first: &Client, job: &str, follow: bool) -> anyhow::Result<ExitCode> 
 fn stream(src: &LogsReply, follow: bool, out: &mut u64, err: &mut u64) -> anyhow::Result<bool> {
     let base = src
         .agent
+        .as_deref()
+        .unwrap_or_default()
         .strip_prefix("http://")
         .map(|rest| format!("ws://{rest}"))
         .with_context(|| format!("the agent's address {:?} is not http://", src.agent))?;
@@ -124,5 +142,35 @@ fn stream(src: &LogsReply, follow: bool, out: &mut u64, err: &mut u64) -> anyhow
             tungstenite::Message::Close(_) => return Ok(false),
             _ => {}
         }
+    }
+}
+
+/// Writes through what comes after the first `skip` bytes (already printed from the
+/// live stream), counting everything in `seen`.
+struct Skip<W> {
+    inner: W,
+    skip: u64,
+    seen: u64,
+}
+
+impl<W: Write> Skip<W> {
+    fn new(inner: W, skip: u64) -> Self {
+        Skip {
+            inner,
+            skip,
+            seen: 0,
+        }
+    }
+}
+
+impl<W: Write> Write for Skip<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let start = self.skip.saturating_sub(self.seen).min(buf.len() as u64) as usize;
+        self.inner.write_all(&buf[start..])?;
+        self.seen += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }

@@ -148,6 +148,18 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Download a job's outputs (what it left in MUTUAL_OUTPUT_DIR) from any node that
+    /// has them, and decrypt them into a directory.
+    #[command(after_help = "Example:\n  mutual get 3f2a… -o results/")]
+    Get {
+        /// The job.
+        job: String,
+        /// Where to put them (created if missing; existing files are overwritten).
+        #[arg(short, long, value_name = "DIR")]
+        output: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// (Internal) How a node starts a job: die with the node, then run the command.
     #[command(hide = true)]
     JobShim {
@@ -233,6 +245,14 @@ struct NodeArgs {
     /// times the overlay's depth), so a better claim arrives before a duplicate starts.
     #[arg(long, default_value = "2ms", value_parser = parse_duration_ms)]
     settle: u64,
+    /// How often a running job's MUTUAL_CHECKPOINT_DIR is snapshotted (when it changed),
+    /// unless the job asks for its own interval. A takeover resumes from the last one.
+    #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
+    checkpoint_interval: u64,
+    /// Other nodes that must hold a copy of every new blob (an upload, outputs, logs, a
+    /// checkpoint) before it is acknowledged or recorded, so no single death loses it.
+    #[arg(long, default_value_t = 1)]
+    blob_copies: usize,
 }
 
 #[derive(Args)]
@@ -264,6 +284,15 @@ struct SubmitArgs {
     /// Higher runs first (-1000..=1000).
     #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
     priority: i32,
+    /// A file or directory the job reads (repeatable). It is encrypted here, before it
+    /// leaves this machine, and appears decrypted under its own name in the job's
+    /// MUTUAL_INPUT_DIR. The submit returns once another node holds a copy too.
+    #[arg(long, value_name = "PATH")]
+    input: Vec<PathBuf>,
+    /// Snapshot the job's MUTUAL_CHECKPOINT_DIR this often (when it changed) [default:
+    /// the node's --checkpoint-interval].
+    #[arg(long, value_parser = parse_duration_ms)]
+    checkpoint_interval: Option<u64>,
     /// Print JSON (an object with `id`).
     #[arg(long)]
     json: bool,
@@ -353,6 +382,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 priority: a.priority,
                 timeout_ms: a.timeout,
                 max_attempts: a.max_attempts,
+                checkpoint_interval_ms: a.checkpoint_interval,
+                inputs: upload_inputs(&a.conn.client(), &a.input)?,
                 ..JobRequest::default()
             };
             let st = a.conn.client().submit(&req)?;
@@ -392,6 +423,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => wait(&conn.client(), &jobs, timeout, json),
         Cmd::Demo(args) => demo::run(args),
         Cmd::Logs { job, follow, conn } => logs::run(&conn.client(), &job, follow),
+        Cmd::Get { job, output, conn } => get_outputs(&conn.client(), &job, &output),
         Cmd::JobShim { parent, command } => {
             let code = mutual::exec::run_shim(parent, &command);
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
@@ -401,6 +433,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
         }
     }
+}
+
+/// Encrypts and uploads each `--input`, with a progress bar.
+fn upload_inputs(client: &Client, paths: &[PathBuf]) -> anyhow::Result<Vec<mutual_core::BlobRef>> {
+    let mut inputs = Vec::new();
+    for p in paths {
+        let total =
+            mutual::seal::tree_bytes(p).with_context(|| format!("--input {}", p.display()))?;
+        let bar = mutual::transfer::bar(total, &format!("uploading {}", p.display()));
+        let input = mutual::transfer::upload(client, p, &bar)
+            .with_context(|| format!("uploading --input {}", p.display()))?;
+        bar.finish_and_clear();
+        if input.holders.len() < 2 {
+            eprintln!(
+                "warning: {} is on one node only (no other live node took a copy)",
+                p.display()
+            );
+        }
+        inputs.push(input);
+    }
+    Ok(inputs)
+}
+
+/// `mutual get`: downloads and decrypts a job's outputs.
+fn get_outputs(client: &Client, job: &str, dest: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let access = client.outputs(job)?;
+    let bar = mutual::transfer::bar(access.bytes, "downloading");
+    let stats = mutual::transfer::download(client, &access, dest, &bar)
+        .with_context(|| format!("downloading the outputs of job {job}"))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{} files, {} bytes in {}",
+        stats.files,
+        stats.bytes,
+        dest.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn is_terminal(state: &str) -> bool {
@@ -649,6 +718,8 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
             containers: a.containers,
             container_runtime: a.container_runtime.clone(),
             gpus,
+            checkpoint_interval_ms: a.checkpoint_interval.max(1),
+            blob_copies: a.blob_copies,
         };
         let mut started = mutual::node::start(cfg).await?;
         let ticket = started.ticket.to_string();
@@ -658,6 +729,7 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
             ticket: ticket.clone().into(),
             secret: started.ticket.secret,
             data_dir: a.data_dir.clone().into(),
+            io: started.io.clone(),
         };
         let app = mutual::api::router(state);
         // Without TCP_NODELAY a request whose headers and body leave in two writes waits

@@ -261,11 +261,8 @@ impl Transport {
         }
     }
 
-    /// Serves one inbound connection.
-    pub async fn serve(self, incoming: iroh::endpoint::Incoming) {
-        let Ok(Ok(conn)) = tokio::time::timeout(HELLO_TIMEOUT, incoming).await else {
-            return;
-        };
+    /// Serves one inbound connection of the job protocol ([`wire::ALPN`]).
+    pub async fn serve(self, conn: Connection) {
         let remote = conn.remote_id();
         let Ok(Ok(mut recv)) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_uni()).await else {
             return;

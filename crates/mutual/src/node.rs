@@ -24,15 +24,17 @@ use mutual_core::engine::{
 use mutual_core::membership::Detector;
 use mutual_core::overlay;
 use mutual_core::view::Record;
-use mutual_core::{JobId, JobRequest, NodeId, Resources};
+use mutual_core::{BlobRef, FencingToken, JobId, JobRequest, JobSpec, NodeId, Resources};
 use prometheus_client::metrics::histogram::Histogram;
 use rand::seq::IteratorRandom;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::blobs::Blobs;
 use crate::container::Containers;
 use crate::exec::{self, Finished, Running};
 use crate::gpu::{self, Gpu};
-use crate::net::{Link, NetEvent, NetStats, Transport};
+use crate::jobio::{ExecDirs, JobIo};
+use crate::net::{self, Link, NetEvent, NetStats, Transport};
 use crate::store::{self, Frame, Kind, Store};
 use crate::ticket::{ClusterSecret, Ticket};
 use crate::types::{CancelReply, JobStatus, NodeStatus, job_status};
@@ -116,7 +118,38 @@ pub struct NodeConfig {
     pub container_runtime: String,
     /// The GPUs this node offers (`engine.capacity.gpus` is their count).
     pub gpus: Vec<Gpu>,
+    /// How often a running job's checkpoint directory is snapshotted, unless the job
+    /// chose its own interval.
+    pub checkpoint_interval_ms: u64,
+    /// Copies on other nodes each new blob needs before it is acknowledged or recorded.
+    pub blob_copies: usize,
 }
+
+/// Exit code of an execution killed before its command started (as a SIGKILL reads).
+pub const KILLED: i32 = 128 + 9;
+
+/// Fetches and unpacks an execution's inputs and the checkpoint it resumes from.
+async fn stage(
+    io: &JobIo,
+    spec: &JobSpec,
+    restore: Option<&BlobRef>,
+    dirs: &ExecDirs,
+) -> Result<(), String> {
+    for (i, input) in spec.inputs.iter().enumerate() {
+        io.restore(input, &dirs.input)
+            .await
+            .map_err(|e| format!("input {i} could not be fetched: {e}"))?;
+    }
+    if let Some(c) = restore {
+        io.restore(c, &dirs.checkpoint)
+            .await
+            .map_err(|e| format!("the checkpoint to resume from could not be fetched: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Default of [`NodeConfig::checkpoint_interval_ms`].
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 30_000;
 
 /// Whether a node runs container jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -134,7 +167,10 @@ pub enum ContainerMode {
 #[derive(Debug)]
 pub enum ApiReq {
     /// Submit a job; answered once its spec is durable.
-    Submit(JobRequest, oneshot::Sender<Result<JobStatus, ApiError>>),
+    Submit(
+        Box<JobRequest>,
+        oneshot::Sender<Result<JobStatus, ApiError>>,
+    ),
     /// One job.
     Get(JobId, oneshot::Sender<Option<JobStatus>>),
     /// Jobs, optionally in one state, newest first.
@@ -158,10 +194,14 @@ pub struct LogSource {
     pub attempt: u64,
     /// The node that runs (or ran) it.
     pub node: String,
-    /// That node's HTTP API.
-    pub agent: String,
+    /// That node's HTTP API, if it is reachable.
+    pub agent: Option<String>,
     /// The job's state.
     pub state: String,
+    /// Whether the attempt has ended.
+    pub ended: bool,
+    /// Its stored logs, once it has ended (and if it wrote any).
+    pub stored: Option<BlobRef>,
 }
 
 /// Refusals the API turns into status codes.
@@ -201,6 +241,8 @@ pub struct Started {
     /// Joining: `None` while no member has answered yet, then `Ok` once one did, or the
     /// reason every `--join` member refused us.
     pub joined: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
+    /// The data plane (the API serves uploads and downloads through it).
+    pub io: JobIo,
 }
 
 /// Wall-clock milliseconds since the Unix epoch (the HLC's physical time).
@@ -283,6 +325,9 @@ fn cluster_secret(dir: &Path, join: &[Ticket]) -> anyhow::Result<ClusterSecret> 
 pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    // Jobs run elsewhere (their own working directory) and get paths under it.
+    cfg.data_dir = std::path::absolute(&cfg.data_dir)
+        .with_context(|| format!("resolving {}", cfg.data_dir.display()))?;
     let identity = read_or_create_key(&cfg.data_dir.join("node.key"))?;
     let id = NodeId(*identity.public().as_bytes());
     let containers = match cfg.containers {
@@ -334,7 +379,11 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         .build();
     let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
         .secret_key(iroh::SecretKey::generate())
-        .alpns(vec![wire::ALPN.to_vec()])
+        .alpns(
+            std::iter::once(wire::ALPN.to_vec())
+                .chain(Blobs::alpns())
+                .collect(),
+        )
         .relay_mode(iroh::RelayMode::Disabled)
         .transport_config(transport_config)
         .clear_ip_transports()
@@ -361,7 +410,17 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     };
 
     // Executions do not survive a restart; their scratch directories are garbage.
-    let _ = std::fs::remove_dir_all(cfg.data_dir.join("work"));
+    for scratch in ["work", "io", "tmp"] {
+        let _ = std::fs::remove_dir_all(cfg.data_dir.join(scratch));
+    }
+    let blobs = Blobs::open(&cfg.data_dir.join("blobs"), endpoint.clone(), id).await?;
+    let io = JobIo {
+        blobs: blobs.clone(),
+        secret,
+        tmp_dir: cfg.data_dir.join("tmp"),
+        me: id,
+        copies: cfg.blob_copies,
+    };
     let (store, loaded) = Store::open(&cfg.data_dir.join("jobs"))?;
     if loaded.truncated_bytes > 0 {
         tracing::warn!(
@@ -400,7 +459,18 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         let t = transport.clone();
         tokio::spawn(async move {
             while let Some(incoming) = t.endpoint.accept().await {
-                tokio::spawn(t.clone().serve(incoming));
+                let (t, blobs) = (t.clone(), blobs.clone());
+                tokio::spawn(async move {
+                    let Ok(Ok(conn)) = tokio::time::timeout(net::HELLO_TIMEOUT, incoming).await
+                    else {
+                        return;
+                    };
+                    if conn.alpn() == wire::ALPN {
+                        t.serve(conn).await;
+                    } else {
+                        blobs.accept(conn).await;
+                    }
+                });
             }
         });
     }
@@ -447,6 +517,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         rtt: None,
         timing_floor: engine_timing,
         joined: joined_tx,
+        io: io.clone(),
     };
     node.run_cmds(boot_cmds, None);
     // Compact at once: the next start loads one snapshot instead of a long log.
@@ -477,6 +548,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         ticket,
         api: api_tx,
         joined: joined_rx,
+        io,
     })
 }
 
@@ -518,6 +590,25 @@ enum Internal {
         ack: Option<Ack>,
     },
     Exec(Finished),
+    /// An execution's inputs and checkpoint are in place (or could not be put there).
+    Staged {
+        job: JobId,
+        token: FencingToken,
+        result: Result<(), String>,
+    },
+    /// An ended execution's outputs and logs are stored and copied.
+    Collected {
+        finished: Finished,
+        timed_out: bool,
+        outputs: Option<BlobRef>,
+        logs: Option<BlobRef>,
+    },
+    /// A running execution's checkpoint directory was snapshotted.
+    Checkpoint {
+        job: JobId,
+        token: FencingToken,
+        blob: BlobRef,
+    },
 }
 
 enum Ack {
@@ -534,6 +625,10 @@ struct Exec {
     stop: Option<StopReason>,
     /// The GPUs it holds, returned to the pool when it ends.
     gpus: Vec<u32>,
+    /// Its input, output and checkpoint directories.
+    dirs: ExecDirs,
+    /// The task snapshotting its checkpoint directory, once it runs.
+    checkpointer: Option<tokio::task::AbortHandle>,
 }
 
 struct Node {
@@ -578,6 +673,8 @@ struct Node {
     /// The configured floors of the settle window and the rendezvous step.
     timing_floor: (u64, u64),
     joined: tokio::sync::watch::Sender<Option<Result<(), String>>>,
+    /// The data plane.
+    io: JobIo,
 }
 
 impl Node {
@@ -660,53 +757,11 @@ impl Node {
                     }
                 }
                 Command::Start {
-                    job, token, spec, ..
-                } => {
-                    let tx = self.int_tx.clone();
-                    let done = move |f| {
-                        let _ = tx.send(Internal::Exec(f));
-                    };
-                    // The engine admits a job only with enough free GPUs, so this
-                    // fails only if the two counts ever disagree.
-                    let gpus = self.gpu_pool.take(spec.resources.gpus);
-                    let running = match (&spec.image, &self.containers, &gpus) {
-                        (_, _, None) => exec::refuse(
-                            &self.cfg.data_dir,
-                            &spec,
-                            token,
-                            "not enough free GPUs on this node",
-                            done,
-                        ),
-                        (Some(_), Some(c), Some(g)) => {
-                            c.start(&self.cfg.data_dir, spec, token, g.clone(), done)
-                        }
-                        // The engine claims container jobs only where containers run.
-                        (Some(_), None, _) => exec::refuse(
-                            &self.cfg.data_dir,
-                            &spec,
-                            token,
-                            "this node does not run containers",
-                            done,
-                        ),
-                        (None, _, Some(g)) => exec::start(
-                            &self.cfg.data_dir,
-                            &self.cfg.launcher,
-                            spec,
-                            token,
-                            g,
-                            done,
-                        ),
-                    };
-                    self.running.insert(
-                        job,
-                        Exec {
-                            running,
-                            stop: None,
-                            gpus: gpus.unwrap_or_default(),
-                        },
-                    );
-                    self.info_dirty = true;
-                }
+                    job,
+                    token,
+                    spec,
+                    restore,
+                } => self.start_exec(job, token, spec, restore),
                 Command::Stop { job, token, reason } => {
                     if let Some(e) = self.running.get_mut(&job)
                         && e.running.token == token
@@ -777,35 +832,257 @@ impl Node {
                     None => {}
                 }
             }
-            Internal::Exec(f) => {
-                let now = now_ms();
-                let Some(e) = self.running.remove(&f.job) else {
-                    return;
-                };
-                if e.running.token != f.token {
-                    // Not this execution's end: keep the one that runs.
-                    self.running.insert(f.job, e);
-                    return;
-                }
-                self.gpu_pool.give_back(&e.gpus);
+            Internal::Exec(f) => self.exec_ended(f),
+            Internal::Staged { job, token, result } => self.staged(job, token, result),
+            Internal::Collected {
+                finished: f,
+                timed_out,
+                outputs,
+                logs,
+            } => {
                 if let Some(err) = &f.start_error {
                     tracing::warn!(job = %f.job, "{err}");
                 }
-                self.info_dirty = true;
-                let timed_out = e.stop == Some(StopReason::Timeout);
                 self.feed(
-                    now,
+                    now_ms(),
                     Event::ExecutionFinished {
                         job: f.job,
                         token: f.token,
                         outcome: exec::outcome(f.exit_code, timed_out),
                         metrics: f.metrics,
-                        outputs: None,
-                        logs: None,
+                        outputs,
+                        logs,
                     },
                 );
             }
+            Internal::Checkpoint { job, token, blob } => {
+                self.feed(now_ms(), Event::CheckpointTaken { job, token, blob });
+            }
         }
+    }
+
+    // ---- executions ------------------------------------------------------------------
+
+    /// Starts an execution the engine decided on: at once when it needs no data, else
+    /// after its inputs and checkpoint are fetched and unpacked (a kill meanwhile ends
+    /// the staging).
+    fn start_exec(
+        &mut self,
+        job: JobId,
+        token: FencingToken,
+        spec: Arc<JobSpec>,
+        restore: Option<BlobRef>,
+    ) {
+        let epoch = u64::from(token.epoch.0);
+        let dirs = ExecDirs::new(&self.cfg.data_dir, job, epoch);
+        // The engine admits a job only with enough free GPUs, so this fails only if the
+        // two counts ever disagree.
+        let gpus = self.gpu_pool.take(spec.resources.gpus);
+        let refusal = match (&gpus, &spec.image, &self.containers) {
+            (None, _, _) => Some("not enough free GPUs on this node"),
+            // The engine claims container jobs only where containers run.
+            (_, Some(_), None) => Some("this node does not run containers"),
+            _ => None,
+        };
+        let running = if let Some(why) = refusal {
+            exec::refuse(&self.cfg.data_dir, &spec, token, why, self.exec_done())
+        } else if let Err(e) = dirs.create() {
+            let why = format!("cannot create the job's directories: {e}");
+            exec::refuse(&self.cfg.data_dir, &spec, token, &why, self.exec_done())
+        } else if spec.inputs.is_empty() && restore.is_none() {
+            self.launch(&spec, token, &dirs, gpus.clone().unwrap_or_default())
+        } else {
+            let stop = Arc::new(tokio::sync::Notify::new());
+            let (io, tx, dirs2, stop2) = (
+                self.io.clone(),
+                self.int_tx.clone(),
+                dirs.clone(),
+                stop.clone(),
+            );
+            let spec2 = spec.clone();
+            tokio::spawn(async move {
+                let result = tokio::select! {
+                    () = stop2.notified() => Err("killed while fetching its data".to_string()),
+                    r = stage(&io, &spec2, restore.as_ref(), &dirs2) => r,
+                };
+                let _ = tx.send(Internal::Staged { job, token, result });
+            });
+            Running {
+                kill: exec::Kill::Staging(stop),
+                token,
+                log_dir: exec::log_dir(&self.cfg.data_dir, job),
+            }
+        };
+        let checkpointer = matches!(
+            running.kill,
+            exec::Kill::Process(Some(_)) | exec::Kill::Container { .. }
+        )
+        .then(|| self.checkpointer(&spec, token, &dirs));
+        self.running.insert(
+            job,
+            Exec {
+                running,
+                stop: None,
+                gpus: gpus.unwrap_or_default(),
+                dirs,
+                checkpointer,
+            },
+        );
+        self.info_dirty = true;
+    }
+
+    fn exec_done(&self) -> impl FnOnce(Finished) + Send + 'static {
+        let tx = self.int_tx.clone();
+        move |f| {
+            let _ = tx.send(Internal::Exec(f));
+        }
+    }
+
+    /// Runs the execution itself, in a process or a container.
+    fn launch(
+        &self,
+        spec: &Arc<JobSpec>,
+        token: FencingToken,
+        dirs: &ExecDirs,
+        gpus: Vec<u32>,
+    ) -> Running {
+        match (&spec.image, &self.containers) {
+            (Some(_), Some(c)) => c.start(
+                &self.cfg.data_dir,
+                spec.clone(),
+                token,
+                gpus,
+                dirs,
+                self.exec_done(),
+            ),
+            _ => exec::start(
+                &self.cfg.data_dir,
+                &self.cfg.launcher,
+                spec.clone(),
+                token,
+                &gpus,
+                dirs,
+                self.exec_done(),
+            ),
+        }
+    }
+
+    /// Snapshots the checkpoint directory every interval, when it changed.
+    fn checkpointer(
+        &self,
+        spec: &JobSpec,
+        token: FencingToken,
+        dirs: &ExecDirs,
+    ) -> tokio::task::AbortHandle {
+        let every = Duration::from_millis(
+            spec.checkpoint_interval_ms
+                .unwrap_or(self.cfg.checkpoint_interval_ms)
+                .max(1),
+        );
+        let (io, tx, dir, job) = (
+            self.io.clone(),
+            self.int_tx.clone(),
+            dirs.checkpoint.clone(),
+            spec.id,
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Empty, as restored or as created: an unchanged directory is not snapshotted.
+            let mut last = None;
+            loop {
+                tick.tick().await;
+                match io.snapshot(&dir, last).await {
+                    Ok(Some((blob, digest))) => {
+                        last = Some(digest);
+                        if tx.send(Internal::Checkpoint { job, token, blob }).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(%job, "checkpoint not taken: {e}"),
+                }
+            }
+        })
+        .abort_handle()
+    }
+
+    fn staged(&mut self, job: JobId, token: FencingToken, result: Result<(), String>) {
+        let Some(e) = self.running.get(&job).filter(|e| e.running.token == token) else {
+            return;
+        };
+        let (out, err) = exec::log_paths(&self.cfg.data_dir, job, u64::from(token.epoch.0));
+        let failed = |code: i32, msg: String| {
+            let _ = std::fs::create_dir_all(exec::log_dir(&self.cfg.data_dir, job));
+            let _ = std::fs::File::create(&out);
+            let _ = std::fs::write(&err, format!("mutual: {msg}\n"));
+            Finished {
+                job,
+                token,
+                exit_code: code,
+                metrics: Default::default(),
+                start_error: Some(msg),
+            }
+        };
+        let finished = match result {
+            Ok(()) if e.stop.is_none() => {
+                let Some(spec) = self.engine.view(&job).and_then(|v| v.spec.clone()) else {
+                    return;
+                };
+                let (dirs, gpus) = (e.dirs.clone(), e.gpus.clone());
+                let running = self.launch(&spec, token, &dirs, gpus);
+                let checkpointer = self.checkpointer(&spec, token, &dirs);
+                if let Some(e) = self.running.get_mut(&job) {
+                    e.running = running;
+                    e.checkpointer = Some(checkpointer);
+                }
+                return;
+            }
+            Ok(()) => failed(KILLED, "killed before it started".into()),
+            Err(msg) if e.stop.is_some() => failed(KILLED, msg),
+            Err(msg) => failed(exec::EXIT_CANNOT_START, msg),
+        };
+        self.exec_ended(finished);
+    }
+
+    /// An execution ended: free what it held, then store its outputs and logs (copied to
+    /// another node) before its result is recorded.
+    fn exec_ended(&mut self, f: Finished) {
+        let Some(e) = self.running.remove(&f.job) else {
+            return;
+        };
+        if e.running.token != f.token {
+            // Not this execution's end: keep the one that runs.
+            self.running.insert(f.job, e);
+            return;
+        }
+        if let Some(c) = &e.checkpointer {
+            c.abort();
+        }
+        self.gpu_pool.give_back(&e.gpus);
+        self.info_dirty = true;
+        let timed_out = e.stop == Some(StopReason::Timeout);
+        let (out, err) = exec::log_paths(&self.cfg.data_dir, f.job, u64::from(f.token.epoch.0));
+        let io = self.io.clone();
+        let tx = self.int_tx.clone();
+        let dirs = e.dirs;
+        tokio::spawn(async move {
+            let outputs = io.outputs(&dirs.output).await.unwrap_or_else(|msg| {
+                tracing::warn!(job = %f.job, "outputs not stored: {msg}");
+                None
+            });
+            let logs = io.logs(&out, &err).await.unwrap_or_else(|msg| {
+                tracing::warn!(job = %f.job, "logs not stored: {msg}");
+                None
+            });
+            dirs.remove().await;
+            let _ = tx.send(Internal::Collected {
+                finished: f,
+                timed_out,
+                outputs,
+                logs,
+            });
+        });
     }
 
     fn fire_timers(&mut self) {
@@ -961,6 +1238,19 @@ impl Node {
         for (id, link) in &self.links {
             link.set_keep(self.neighbours.binary_search(id).is_ok());
         }
+        // The data plane asks live members in ring order from here: copies of one
+        // node's blobs land on its successors, and fetches spread.
+        let me = self.alive_ring.binary_search(&self.id).unwrap_or(0);
+        let n = self.alive_ring.len();
+        let peers = (1..n)
+            .map(|k| self.alive_ring[(me + k) % n])
+            .filter_map(|id| {
+                let info = &self.members.get(&id)?.info;
+                let key = iroh::PublicKey::from_bytes(&info.endpoint).ok()?;
+                Some((id, net::endpoint_addr(key, &info.addrs)))
+            })
+            .collect();
+        self.io.blobs.set_peers(peers);
     }
 
     fn pos(&self, id: &NodeId) -> Option<usize> {
@@ -1433,17 +1723,21 @@ impl Node {
                 .find(|m| m.info.id.to_string() == node && m.alive)
                 .and_then(|m| m.info.http.clone())
         };
-        let agent = http.ok_or_else(|| {
-            ApiError::NoLogs(format!(
-                "the node that runs or ran job {job} ({node}) is not reachable"
-            ))
-        })?;
+        let attempt = st.attempts.iter().find(|a| a.epoch == st.attempt);
+        let ended = attempt.is_some_and(|a| a.finished_at_ms.is_some());
+        if http.is_none() && !ended {
+            return Err(ApiError::NoLogs(format!(
+                "the node that runs job {job} ({node}) is not reachable"
+            )));
+        }
         Ok(LogSource {
+            stored: attempt.and_then(|a| a.logs.clone()),
             job: st.id,
             attempt: st.attempt,
             node,
-            agent,
+            agent: http,
             state: st.state,
+            ended,
         })
     }
 
@@ -1506,7 +1800,7 @@ impl Node {
                     ))));
                     return;
                 }
-                match self.engine.submit(now, request) {
+                match self.engine.submit(now, *request) {
                     Ok((id, cmds)) => self.run_cmds(cmds, Some(Ack::Submit(id, reply))),
                     Err(EngineError::Spec(e)) => {
                         let _ = reply.send(Err(ApiError::Invalid {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use mutual_core::derive::derive_state;
-use mutual_core::{JobState, JobView, Resources};
+use mutual_core::{BlobRef, JobState, JobView, NodeId, Resources};
 use serde::{Deserialize, Serialize};
 
 /// One execution attempt of a job, from its records.
@@ -30,6 +30,40 @@ pub struct Attempt {
     /// What it used (wall time, average CPU in thousandths of a core, peak memory, bytes
     /// read and written), if it finished.
     pub metrics: Option<mutual_core::view::ExecMetrics>,
+    /// What it left in `MUTUAL_OUTPUT_DIR` (the key wrapped), if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<BlobRef>,
+    /// Its stdout and stderr (the key wrapped), if it wrote any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<BlobRef>,
+    /// Checkpoints it recorded.
+    #[serde(default)]
+    pub checkpoints: u64,
+}
+
+/// A blob as a client needs it to download and decrypt it: the key in the clear. Only
+/// sent to a client that passed the API's authentication; never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobAccess {
+    /// BLAKE3 of the encrypted bytes.
+    pub cid: String,
+    /// The data key (hex).
+    pub key: String,
+    /// Encrypted size.
+    pub bytes: u64,
+    /// Nodes known to hold it.
+    pub holders: Vec<NodeId>,
+}
+
+/// Answer to `PUT /v1/blobs`: the stored blob and the nodes that hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobStored {
+    /// BLAKE3 of the bytes received.
+    pub cid: String,
+    /// Their number.
+    pub bytes: u64,
+    /// The receiving node first, then those that confirmed a copy.
+    pub holders: Vec<NodeId>,
 }
 
 /// `GET /v1/jobs/{id}/logs`: where to stream a job's logs from, and the token to do it.
@@ -41,8 +75,16 @@ pub struct LogsReply {
     pub attempt: u64,
     /// The node that runs (or ran) it.
     pub node: String,
-    /// That node's API; stream from `{agent}/v1/jobs/{id}/logs/stream` over WebSocket.
-    pub agent: String,
+    /// That node's API, if it is reachable; stream from
+    /// `{agent}/v1/jobs/{id}/logs/stream` over WebSocket.
+    pub agent: Option<String>,
+    /// Once the attempt has ended: its logs as stored in the data plane (download from
+    /// any node with `GET /v1/blobs/{cid}`). `None` also when it wrote nothing.
+    #[serde(default)]
+    pub stored: Option<BlobAccess>,
+    /// Whether the attempt has ended.
+    #[serde(default)]
+    pub ended: bool,
     /// Opens this job's logs (and no other's) on any node until `expires_at_ms`.
     pub token: String,
     /// When the token stops working (ms since the Unix epoch).
@@ -91,6 +133,12 @@ pub struct JobStatus {
     pub submitter: String,
     /// Every attempt, oldest first.
     pub attempts: Vec<Attempt>,
+    /// Its inputs (keys wrapped).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<BlobRef>,
+    /// The outputs of the accepted (or last, once the job ended) execution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<BlobRef>,
 }
 
 /// Builds the status of a job from its view; `None` before its spec arrived.
@@ -107,6 +155,13 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
         JobState::Queued { .. } | JobState::Claimed { .. } => "queued",
         other => other.name(),
     };
+    let final_result = d.accepted.as_ref().map(|(_, r)| r).or_else(|| {
+        current
+            .filter(|_| d.state.is_terminal())
+            .and_then(|t| view.results.get(&(t.epoch, t.node)))
+            .map(|r| &**r)
+    });
+    let outputs = final_result.and_then(|r| r.outputs.clone());
     let exit_code = d
         .accepted
         .as_ref()
@@ -146,6 +201,13 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
                 timed_out: result.is_some_and(|r| r.outcome.timed_out),
                 expired,
                 metrics: result.map(|r| r.metrics),
+                outputs: result.and_then(|r| r.outputs.clone()),
+                logs: result.and_then(|r| r.logs.clone()),
+                checkpoints: view
+                    .checkpoints
+                    .keys()
+                    .filter(|(e, n, _)| e == epoch && *n == token.node)
+                    .count() as u64,
             }
         })
         .collect();
@@ -170,6 +232,8 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
         submitted_at_ms: spec.submitted_at.as_millis(),
         submitter: spec.submitter.to_string(),
         attempts,
+        inputs: spec.inputs.clone(),
+        outputs,
     })
 }
 

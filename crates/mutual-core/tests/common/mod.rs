@@ -36,6 +36,7 @@ pub fn spec_at(max_attempts: u32, submitted_at: Hlc) -> JobSpec {
         timeout_ms: None,
         max_attempts,
         inputs: Vec::new(),
+        checkpoint_interval_ms: None,
         submitted_at,
         submitter: node(0),
     }
@@ -140,7 +141,7 @@ pub fn checkpoint(
         seq,
         rec: Arc::new(CheckpointRec {
             claim_hlc: Hlc(claim_hlc),
-            cid: cid.to_string(),
+            blob: blob(cid),
             hlc: Hlc(hlc),
             seen: seen.into_iter().collect::<BTreeSet<_>>(),
         }),
@@ -207,5 +208,15 @@ pub fn finished(job: JobId, token: FencingToken, exit_code: i32) -> mutual_core:
         metrics: ExecMetrics::default(),
         outputs: None,
         logs: None,
+    }
+}
+
+/// A blob reference whose content id is `cid` (the core never looks inside).
+pub fn blob(cid: &str) -> mutual_core::BlobRef {
+    mutual_core::BlobRef {
+        cid: cid.to_string(),
+        key: "00".into(),
+        bytes: 0,
+        holders: Vec::new(),
     }
 }
