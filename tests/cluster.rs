@@ -814,3 +814,274 @@ fn a_log_token_for_one_job_does_not_open_another() {
         other => panic!("a forged token opens nothing: {other:?}"),
     }
 }
+
+// ---- data plane -----------------------------------------------------------------------
+
+/// Runs the CLI; returns stdout, panicking with stderr when it fails.
+fn cli(bin: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .env_remove("MUTUAL_NODE")
+        .env_remove("MUTUAL_API_TOKEN")
+        .output()
+        .expect("run mutual");
+    assert!(
+        out.status.success(),
+        "mutual {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every file under `dir`, as (relative path, bytes).
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, d: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).expect("under root");
+                out.insert(rel.display().to_string(), std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// Whether any file under `dir` contains `needle`.
+fn any_file_contains(dir: &Path, needle: &[u8]) -> bool {
+    tree(dir)
+        .values()
+        .any(|b| b.windows(needle.len()).any(|w| w == needle))
+}
+
+#[test]
+fn inputs_round_trip_encrypted_to_outputs_with_the_uploading_node_dead() {
+    let (_g, dir, bin, mut nodes) = cluster(3, &[]);
+    let input = dir.path().join("dataset");
+    std::fs::create_dir_all(input.join("nested")).expect("mkdir");
+    let marker = b"PLAINTEXT-MARKER-7f3c";
+    let mut big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    big.extend_from_slice(marker);
+    std::fs::write(input.join("big.bin"), &big).expect("write");
+    std::fs::write(input.join("nested/notes.txt"), b"hello\n").expect("write");
+    // The only node that may run it is busy: the job waits while the uploading node dies.
+    let late = mutual::harness::LocalNode::start(
+        &bin,
+        &dir.path().join("late"),
+        Some(&nodes[1].ticket),
+        &["--label", "zone=late", "--slots", "1"],
+    )
+    .expect("late node");
+    let c = nodes[1].client();
+    eventually(20, "four members", || {
+        (c.nodes().ok()?.iter().filter(|n| n.alive).count() == 4).then_some(())
+    });
+    let mut busy = sh("exec sleep 60");
+    busy.labels.insert("zone".into(), "late".into());
+    let busy = c.submit(&busy).expect("submit").id;
+    eventually(20, "the late node is busy", || {
+        (c.job(&busy).ok()?.state == "running").then_some(())
+    });
+    let script = "cp -r \"$MUTUAL_INPUT_DIR/dataset\" \"$MUTUAL_OUTPUT_DIR/\" && echo copied";
+    let id = cli(
+        &bin,
+        &[
+            "submit",
+            "--node",
+            &nodes[0].http,
+            "--input",
+            &input.display().to_string(),
+            "--label",
+            "zone=late",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    )
+    .trim()
+    .to_string();
+    let st = nodes[1].client().job(&id).expect("status");
+    assert_eq!(st.inputs.len(), 1);
+    assert!(
+        st.inputs[0].holders.len() >= 2,
+        "copied before the submit returned: {:?}",
+        st.inputs[0].holders
+    );
+    assert_eq!(
+        st.inputs[0].key.len(),
+        mutual::seal::WRAPPED_KEY_HEX,
+        "only the wrapped key is stored"
+    );
+    for n in &nodes {
+        assert!(
+            !any_file_contains(&n.dir, marker),
+            "{} holds plaintext of the input",
+            n.dir.display()
+        );
+    }
+    nodes[0].kill();
+    c.cancel(&busy).expect("cancel");
+    let done = eventually(60, "the job ends", || c.job(&id).ok().filter(is_terminal));
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.node, late.id(), "the late node ran it");
+    let out = dir.path().join("out");
+    cli(
+        &bin,
+        &[
+            "get",
+            &id,
+            "-o",
+            &out.display().to_string(),
+            "--node",
+            &nodes[2].http,
+        ],
+    );
+    assert_eq!(tree(&out.join("dataset")), tree(&input), "byte-identical");
+    // A job that ended without outputs says so.
+    let none = c.submit(&sh("true")).expect("submit").id;
+    eventually(30, "it ends", || c.job(&none).ok().filter(is_terminal));
+    let err = c.outputs(&none).expect_err("no outputs");
+    assert_eq!(err.status(), Some(409), "{err}");
+}
+
+#[test]
+fn a_tampered_blob_is_rejected_and_the_job_never_sees_it() {
+    use std::io::Write;
+    let (_g, dir, _bin, nodes) = cluster(2, &[]);
+    let c = nodes[0].client();
+    let key = mutual::seal::BlobKey::generate();
+    let mut sealed = mutual::seal::Sealer::new(Vec::new(), &key).expect("sealer");
+    let mut tar = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut tar);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(6);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "victim.txt", &b"hello\n"[..])
+            .expect("tar");
+        b.finish().expect("tar");
+    }
+    sealed.write_all(&tar).expect("seal");
+    let mut bytes = sealed.finish().expect("seal");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    let stored = c.put_blob(std::io::Cursor::new(bytes)).expect("upload");
+    let marker = dir.path().join("ran");
+    let mut req = sh(&format!("touch {}", marker.display()));
+    req.inputs = vec![mutual_core::BlobRef {
+        cid: stored.cid,
+        key: key.to_hex(),
+        bytes: stored.bytes,
+        holders: stored.holders,
+    }];
+    let id = c.submit(&req).expect("submit").id;
+    let done = eventually(60, "the job ends", || c.job(&id).ok().filter(is_terminal));
+    assert_eq!(done.state, "failed", "{done:?}");
+    assert_eq!(done.exit_code, Some(mutual::exec::EXIT_CANNOT_START));
+    assert!(!marker.exists(), "the command never ran on tampered input");
+    let err = log_of(&nodes, &done, "stderr");
+    assert!(
+        err.contains("input 0") && err.to_lowercase().contains("tamper"),
+        "stderr: {err}"
+    );
+}
+
+#[test]
+fn a_counting_job_resumes_from_its_checkpoint_after_its_holder_is_killed() {
+    let (_g, _dir, bin, mut nodes) = cluster(3, &[]);
+    let c = nodes[0].client();
+    let script = r#"n=0; c="$MUTUAL_CHECKPOINT_DIR/n"
+[ -f "$c" ] && n=$(cat "$c"); echo "start $n"
+while [ "$n" -lt 60 ]; do n=$((n+1)); echo "$n" > "$c.tmp"; mv "$c.tmp" "$c"; sleep 0.1; done
+echo "$n" > "$MUTUAL_OUTPUT_DIR/final"; echo "done $n""#;
+    let mut req = sh(script);
+    req.checkpoint_interval_ms = Some(300);
+    let id = c.submit(&req).expect("submit").id;
+    let holder = eventually(30, "three checkpoints recorded", || {
+        let s = c.job(&id).ok()?;
+        let a = s.attempts.first()?;
+        (a.checkpoints >= 3).then(|| a.node.clone())
+    });
+    let k = nodes
+        .iter()
+        .position(|n| n.id().as_deref() == Some(holder.as_str()))
+        .expect("holder");
+    nodes[k].kill();
+    let other = nodes[(k + 1) % 3].client();
+    let done = eventually(60, "the job ends", || {
+        other.job(&id).ok().filter(is_terminal)
+    });
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.attempt, 2, "taken over once");
+    let logs = cli(&bin, &["logs", &id, "--node", &nodes[(k + 1) % 3].http]);
+    let start: u32 = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("start "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a start line");
+    assert!(
+        start >= 3,
+        "resumed from a checkpoint, not from zero: {logs}"
+    );
+    assert!(logs.contains("done 60"), "{logs}");
+    // The agent of attempt 2 dies too: its stored log still reads from the last node.
+    let agent = done.node.clone().expect("node");
+    let j = nodes
+        .iter()
+        .position(|n| n.id().as_deref() == Some(agent.as_str()))
+        .expect("agent");
+    nodes[j].kill();
+    let last = nodes.iter().find(|n| n.is_running()).expect("a live node");
+    let again = cli(&bin, &["logs", &id, "--node", &last.http]);
+    assert_eq!(again, logs, "the stored log, from the surviving copy");
+}
+
+#[test]
+fn logs_follow_across_the_death_of_the_agent() {
+    use std::io::{BufRead, BufReader};
+    let (_g, _dir, bin, mut nodes) = cluster(3, &[]);
+    let c = nodes[0].client();
+    let script = "for i in $(seq 1 30); do echo line-$i; sleep 0.1; done";
+    let id = c.submit(&sh(script)).expect("submit").id;
+    let holder = eventually(20, "the job runs", || {
+        let s = c.job(&id).ok()?;
+        (s.state == "running").then_some(s.node?)
+    });
+    let k = nodes
+        .iter()
+        .position(|n| n.id().as_deref() == Some(holder.as_str()))
+        .expect("holder");
+    let ask = (k + 1) % 3;
+    let mut child = std::process::Command::new(&bin)
+        .args(["logs", &id, "--follow", "--node", &nodes[ask].http])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mutual logs");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a line").expect("utf-8"), "line-1");
+    nodes[k].kill();
+    let rest: Vec<String> = lines.map(|l| l.expect("utf-8")).collect();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("line-30"),
+        "followed to the end of attempt 2"
+    );
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(
+        err.contains("--- attempt 2"),
+        "the takeover is marked: {err}"
+    );
+}
