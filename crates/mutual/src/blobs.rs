@@ -59,6 +59,9 @@ pub enum BlobError {
         /// Who was tried and what each said.
         tried: String,
     },
+    /// Whoever consumed a streamed blob stopped reading.
+    #[error("the reader stopped")]
+    ReaderStopped,
     /// The local store failed.
     #[error("blob store: {0}")]
     Store(String),
@@ -251,18 +254,8 @@ impl Blobs {
         if self.complete_size(hash).await.is_some() {
             return Ok(());
         }
-        let mut order: Vec<NodeId> = holders
-            .iter()
-            .copied()
-            .filter(|n| *n != self.inner.me)
-            .collect();
-        for p in self.peer_order() {
-            if !order.contains(&p) {
-                order.push(p);
-            }
-        }
         let mut tried = Vec::new();
-        for node in order.into_iter().take(MAX_TRIES) {
+        for node in self.fetch_order(holders).into_iter().take(MAX_TRIES) {
             let conn = match self.connect(node, iroh_blobs::ALPN).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -290,6 +283,119 @@ impl Blobs {
                 tried.join("; ")
             },
         })
+    }
+
+    /// Streams the blob's bytes, in order, into `tx`: from this node's store when it
+    /// holds all of it, else straight from a holder as they arrive, each one verified
+    /// against the hash before it is sent on (so the consumer, decryption, works while the
+    /// transfer runs). If a holder fails midway, the rest is fetched into the store from
+    /// the others and streamed from there, from where it stopped.
+    pub async fn stream(
+        &self,
+        hash: Hash,
+        holders: &[NodeId],
+        tx: &tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), BlobError> {
+        use futures_util::StreamExt;
+        use iroh_blobs::get::request::{GetBlobItem, get_blob};
+        if self.complete_size(hash).await.is_some() {
+            return self.stream_local(hash, 0, tx).await;
+        }
+        let mut sent = 0u64;
+        let mut tried = Vec::new();
+        for node in self.fetch_order(holders).into_iter().take(MAX_TRIES) {
+            let conn = match self.connect(node, iroh_blobs::ALPN).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tried.push(format!("{node:?}: {e}"));
+                    continue;
+                }
+            };
+            let mut items = get_blob(conn, hash);
+            loop {
+                let item = tokio::time::timeout(FETCH_TIMEOUT, items.next()).await;
+                match item {
+                    Ok(Some(GetBlobItem::Item(bao_tree::io::BaoContentItem::Leaf(leaf)))) => {
+                        if leaf.offset != sent {
+                            tried.push(format!("{node:?}: out of order"));
+                            break;
+                        }
+                        sent += leaf.data.len() as u64;
+                        tx.send(leaf.data)
+                            .await
+                            .map_err(|_| BlobError::ReaderStopped)?;
+                    }
+                    Ok(Some(GetBlobItem::Item(_))) => {}
+                    Ok(Some(GetBlobItem::Done(_))) => return Ok(()),
+                    Ok(Some(GetBlobItem::Error(e))) => {
+                        tried.push(format!("{node:?}: {e}"));
+                        break;
+                    }
+                    Ok(None) => {
+                        tried.push(format!("{node:?}: ended early"));
+                        break;
+                    }
+                    Err(_) => {
+                        tried.push(format!("{node:?}: stalled"));
+                        break;
+                    }
+                }
+            }
+            if sent > 0 {
+                self.fetch(hash, holders).await?;
+                return self.stream_local(hash, sent, tx).await;
+            }
+        }
+        Err(BlobError::Unavailable {
+            cid: hash.to_hex(),
+            tried: if tried.is_empty() {
+                "no live member to ask".into()
+            } else {
+                tried.join("; ")
+            },
+        })
+    }
+
+    async fn stream_local(
+        &self,
+        hash: Hash,
+        from: u64,
+        tx: &tokio::sync::mpsc::Sender<bytes::Bytes>,
+    ) -> Result<(), BlobError> {
+        use futures_util::StreamExt;
+        use iroh_blobs::api::proto::ExportRangesItem;
+        let mut items = self
+            .inner
+            .store
+            .blobs()
+            .export_ranges(hash, from..u64::MAX)
+            .stream();
+        while let Some(item) = items.next().await {
+            match item {
+                ExportRangesItem::Data(leaf) => tx
+                    .send(leaf.data)
+                    .await
+                    .map_err(|_| BlobError::ReaderStopped)?,
+                ExportRangesItem::Size(_) => {}
+                ExportRangesItem::Error(e) => return Err(BlobError::Store(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Holders first (not this node), then the other live members in ring order.
+    fn fetch_order(&self, holders: &[NodeId]) -> Vec<NodeId> {
+        let mut order: Vec<NodeId> = holders
+            .iter()
+            .copied()
+            .filter(|n| *n != self.inner.me)
+            .collect();
+        for p in self.peer_order() {
+            if !order.contains(&p) {
+                order.push(p);
+            }
+        }
+        order
     }
 
     /// Asks live members, in order, to copy `hash` (which this node holds) until `copies`

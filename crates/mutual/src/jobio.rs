@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mutual_core::{BlobRef, JobId, NodeId};
-use tokio_util::io::SyncIoBridge;
 
-use crate::blobs::{Blobs, parse_cid};
+use crate::blobs::{BlobError, Blobs, parse_cid};
 use crate::seal::{self, BlobKey, Opener, Sealer};
 use crate::ticket::ClusterSecret;
 
@@ -120,6 +119,31 @@ pub struct JobIo {
     pub copies: usize,
 }
 
+/// Chunks queued between the transfer and the decryption (each up to 16 KiB or so).
+pub const STREAM_QUEUE_CHUNKS: usize = 256;
+
+/// Reads what the transfer sends; the end of the channel is the end of the blob (a
+/// truncated blob then fails to open: its last segment is missing).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    cur: bytes::Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
 /// Hashes what passes through (to tell whether a checkpoint changed).
 struct Tee<W> {
     inner: W,
@@ -162,20 +186,29 @@ impl JobIo {
         let hash = parse_cid(&blob.cid).map_err(|e| e.to_string())?;
         let key = seal::unwrap_key(&self.secret.0, &blob.key)
             .map_err(|e| format!("blob {}: cannot unwrap its key: {e}", blob.cid))?;
-        self.blobs
-            .fetch(hash, &blob.holders)
-            .await
-            .map_err(|e| e.to_string())?;
-        let reader = SyncIoBridge::new(self.blobs.reader(hash));
+        // Transfer, verification, decryption and unpacking run at once, as a pipeline.
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE_CHUNKS);
         let dest = dest.to_path_buf();
         let cid = blob.cid.clone();
-        tokio::task::spawn_blocking(move || -> Result<seal::UnpackStats, String> {
-            let opener = Opener::new(std::io::BufReader::with_capacity(1 << 20, reader), &key)
-                .map_err(|e| format!("blob {cid}: {e}"))?;
-            seal::unpack(opener, &dest).map_err(|e| format!("blob {cid}: {e}"))
-        })
-        .await
-        .map_err(|e| format!("unpacking: {e}"))?
+        let unpacking =
+            tokio::task::spawn_blocking(move || -> Result<seal::UnpackStats, String> {
+                let reader = ChannelReader {
+                    rx,
+                    cur: bytes::Bytes::new(),
+                };
+                let opener = Opener::new(std::io::BufReader::with_capacity(1 << 20, reader), &key)
+                    .map_err(|e| format!("blob {cid}: {e}"))?;
+                seal::unpack(opener, &dest).map_err(|e| format!("blob {cid}: {e}"))
+            });
+        let streamed = self.blobs.stream(hash, &blob.holders, &tx).await;
+        drop(tx);
+        let unpacked = unpacking.await.map_err(|e| format!("unpacking: {e}"))?;
+        match streamed {
+            // The transfer failed: the unpacking only saw the stream end early.
+            Err(e) if !matches!(e, BlobError::ReaderStopped) => Err(e.to_string()),
+            // Otherwise an unpacking error (tampering, a bad archive) is the cause.
+            _ => unpacked,
+        }
     }
 
     /// Packs and seals `src` into a new blob, stores it and has it copied. `skip_if`:
