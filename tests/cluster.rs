@@ -1085,3 +1085,48 @@ fn logs_follow_across_the_death_of_the_agent() {
         "the takeover is marked: {err}"
     );
 }
+
+#[test]
+fn a_container_job_reads_its_inputs_and_leaves_outputs_through_its_mounts() {
+    if !docker_tests() {
+        return;
+    }
+    let (_g, dir, bin, nodes) = cluster(2, &["--containers", "on"]);
+    let input = dir.path().join("words.txt");
+    std::fs::write(&input, b"alpha\nbeta\n").expect("write");
+    let c = nodes[0].client();
+    let mut req = in_container(
+        "wc -l < \"$MUTUAL_INPUT_DIR/words.txt\" > \"$MUTUAL_OUTPUT_DIR/count\" && \
+         ! touch \"$MUTUAL_INPUT_DIR/x\" 2>/dev/null",
+        64 << 20,
+    );
+    req.inputs = vec![
+        mutual::transfer::upload(&c, &input, &indicatif::ProgressBar::hidden()).expect("upload"),
+    ];
+    let id = c.submit(&req).expect("submit").id;
+    let done = eventually(60, "the job ends", || c.job(&id).ok().filter(is_terminal));
+    assert_eq!(
+        done.state,
+        "succeeded",
+        "inputs are read-only: {done:?} {}",
+        log_of(&nodes, &done, "stderr")
+    );
+    let out = dir.path().join("out");
+    cli(
+        &bin,
+        &[
+            "get",
+            &id,
+            "-o",
+            &out.display().to_string(),
+            "--node",
+            &nodes[1].http,
+        ],
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("count"))
+            .expect("count")
+            .trim(),
+        "2"
+    );
+}

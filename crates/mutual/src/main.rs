@@ -561,6 +561,17 @@ fn print_status(st: &JobStatus) {
         "failures:      {} of {} allowed",
         st.attempts_used, st.max_attempts
     );
+    for (i, b) in st.inputs.iter().enumerate() {
+        println!("input {i}:       {} ({})", short(&b.cid), blob_size(b));
+    }
+    if let Some(b) = &st.outputs {
+        println!(
+            "outputs:       {} ({}; `mutual get {} -o DIR`)",
+            short(&b.cid),
+            blob_size(b),
+            st.id
+        );
+    }
     for a in &st.attempts {
         println!(
             "  attempt {} on {}: claimed {}, {}{}{}",
@@ -584,7 +595,20 @@ fn print_status(st: &JobStatus) {
                 m.bytes_out
             );
         }
+        if a.checkpoints > 0 {
+            println!("    checkpoints: {}", a.checkpoints);
+        }
     }
+}
+
+/// "N bytes encrypted, on K nodes".
+fn blob_size(b: &mutual_core::BlobRef) -> String {
+    format!(
+        "{} bytes encrypted, on {} node{}",
+        b.bytes,
+        b.holders.len(),
+        if b.holders.len() == 1 { "" } else { "s" }
+    )
 }
 
 fn print_jobs(list: &[JobStatus]) {
