@@ -37,6 +37,8 @@ use crate::exec::{Finished, Kill, Running, cpu_avg_millis, job_env, log_dir, log
 
 /// Exit code when the container could not be created or started (Docker's convention).
 pub const EXIT_CONTAINER_FAILED: i32 = 125;
+/// Exit code of a container killed before it started (as a SIGKILL reads).
+pub const KILLED_BEFORE_START: i32 = 128 + 9;
 /// Most processes one container may hold.
 pub const PIDS_LIMIT: i64 = 4_096;
 /// Label carrying the node id on every container the node starts.
@@ -158,6 +160,10 @@ pub struct Containers {
     docker: Docker,
     runtime: String,
     node: NodeId,
+    /// Containers asked to die. A kill can come while the container is still being
+    /// created (the node records the start first): the creator checks this before and
+    /// after starting it, so such a container never runs on.
+    killed: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Containers {
@@ -187,6 +193,7 @@ impl Containers {
             docker,
             runtime: runtime.to_string(),
             node,
+            killed: Default::default(),
         })
     }
 
@@ -197,6 +204,9 @@ impl Containers {
 
     /// Kills the container now (the waiter reports the end).
     pub fn kill(&self, name: &str) {
+        if let Ok(mut k) = self.killed.lock() {
+            k.insert(name.to_string());
+        }
         let docker = self.docker.clone();
         let name = name.to_string();
         tokio::spawn(async move {
@@ -256,6 +266,9 @@ impl Containers {
                 }
             };
             remove_one(&this.docker, &n).await;
+            if let Ok(mut k) = this.killed.lock() {
+                k.remove(&n);
+            }
             done(Finished {
                 job,
                 token,
@@ -272,6 +285,10 @@ impl Containers {
             token,
             log_dir,
         }
+    }
+
+    fn was_killed(&self, name: &str) -> bool {
+        self.killed.lock().is_ok_and(|k| k.contains(name))
     }
 
     /// One stats sample of a running container, folded into `used`.
@@ -379,10 +396,17 @@ impl Containers {
             }
             Err(e) => return Err(format!("cannot create the container: {e}")),
         }
+        if self.was_killed(name) {
+            return Ok(KILLED_BEFORE_START);
+        }
         self.docker
             .start_container(name, None)
             .await
             .map_err(|e| format!("cannot start the container: {e}"))?;
+        if self.was_killed(name) {
+            // The kill may have reached Docker before the container existed.
+            self.kill(name);
+        }
         let logs = LogsOptionsBuilder::new()
             .follow(true)
             .stdout(true)
