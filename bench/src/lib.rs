@@ -1,5 +1,7 @@
 //! Shared helpers of the benchmark drivers: where results go, and what machine made them.
 
+pub mod plot;
+
 use std::path::PathBuf;
 
 use serde::Serialize;
