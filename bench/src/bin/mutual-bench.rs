@@ -37,6 +37,34 @@ enum Exp {
     /// E1, no single point of failure: an entry node takes every submission; it is
     /// SIGKILLed mid-run, the client fails over, submissions continue, and it comes back.
     E1(E1Args),
+    /// E3, fault tolerance: SIGKILL a fraction of the agents while jobs run; success,
+    /// duplicates and MTTR per kill fraction.
+    E3(E3Args),
+}
+
+#[derive(clap::Args)]
+struct E3Args {
+    /// A small run: 20 agents, 5 jobs each, kill 10 % and 40 %, one repetition.
+    #[arg(long)]
+    quick: bool,
+    /// Agents [default: 100, or 20 with --quick].
+    #[arg(long)]
+    agents: Option<usize>,
+    /// Jobs per agent [default: 10, or 5 with --quick].
+    #[arg(long)]
+    jobs_per_agent: Option<usize>,
+    /// Kill fractions in percent [default: 10,20,40,60, or 10,40 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    kill: Vec<u32>,
+    /// Repetitions per fraction [default: 4, or 1 with --quick].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Seconds each job sleeps.
+    #[arg(long, default_value_t = 3.0)]
+    job_seconds: f64,
+    /// Where the CSV, PNG and JSON go.
+    #[arg(long, default_value_os_t = results_dir())]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +86,7 @@ struct E1Args {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().exp {
         Exp::E1(a) => e1(a),
+        Exp::E3(a) => e3(a),
     }
 }
 
@@ -393,4 +422,293 @@ fn e1(a: E1Args) -> anyhow::Result<()> {
 
 fn write(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(path, format!("{text}\n")).with_context(|| format!("writing {}", path.display()))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn pct(v: &[f64], p: f64) -> Option<f64> {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    (!s.is_empty()).then(|| s[((s.len() - 1) as f64 * p).round() as usize])
+}
+
+/// One E3 run's figures.
+struct E3Run {
+    kill_pct: u32,
+    rep: usize,
+    jobs: usize,
+    killed: usize,
+    success_rate: f64,
+    duplicate_results: usize,
+    duplicate_executions: usize,
+    mttr_ms: Vec<f64>,
+    drain_s: f64,
+}
+
+fn e3(a: E3Args) -> anyhow::Result<()> {
+    let agents = a.agents.unwrap_or(if a.quick { 20 } else { 100 });
+    let per = a.jobs_per_agent.unwrap_or(if a.quick { 5 } else { 10 });
+    let kills = if a.kill.is_empty() {
+        if a.quick {
+            vec![10, 40]
+        } else {
+            vec![10, 20, 40, 60]
+        }
+    } else {
+        a.kill.clone()
+    };
+    let reps = a.reps.unwrap_or(if a.quick { 1 } else { 4 });
+    let bin = mutual_bin()?;
+    std::fs::create_dir_all(&a.out)?;
+    let mut runs = Vec::new();
+    for &k in &kills {
+        for rep in 0..reps {
+            let r = e3_run(&bin, agents, per * agents, k, rep, a.job_seconds)?;
+            eprintln!(
+                "kill {k}% rep {rep}: success {:.3}, duplicate results {}, duplicate executions {}, MTTR p95 {:?} ms",
+                r.success_rate,
+                r.duplicate_results,
+                r.duplicate_executions,
+                pct(&r.mttr_ms, 0.95)
+            );
+            runs.push(r);
+        }
+    }
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            let p = |q| pct(&r.mttr_ms, q).map_or(String::new(), |v| format!("{v:.0}"));
+            vec![
+                r.kill_pct.to_string(),
+                r.rep.to_string(),
+                agents.to_string(),
+                r.jobs.to_string(),
+                r.killed.to_string(),
+                format!("{:.4}", r.success_rate),
+                r.duplicate_results.to_string(),
+                r.duplicate_executions.to_string(),
+                r.mttr_ms.len().to_string(),
+                p(0.5),
+                p(0.95),
+                p(1.0),
+                format!("{:.1}", r.drain_s),
+            ]
+        })
+        .collect();
+    csv(
+        &a.out.join("e3.csv"),
+        &[
+            "kill_pct",
+            "rep",
+            "n",
+            "jobs",
+            "killed",
+            "success_rate",
+            "duplicate_results",
+            "duplicate_executions",
+            "taken_over",
+            "mttr_p50_ms",
+            "mttr_p95_ms",
+            "mttr_max_ms",
+            "drain_s",
+        ],
+        &rows,
+    )?;
+    // Per fraction: all repetitions' samples pooled.
+    let mut per_fraction = Vec::new();
+    for &k in &kills {
+        let rs: Vec<&E3Run> = runs.iter().filter(|r| r.kill_pct == k).collect();
+        let mttr: Vec<f64> = rs.iter().flat_map(|r| r.mttr_ms.iter().copied()).collect();
+        let jobs: usize = rs.iter().map(|r| r.jobs).sum();
+        let ok: f64 = rs.iter().map(|r| r.success_rate * r.jobs as f64).sum();
+        per_fraction.push(json!({
+            "kill_pct": k,
+            "n": agents,
+            "jobs": jobs / rs.len().max(1),
+            "repetitions": rs.len(),
+            "success_rate": ok / jobs.max(1) as f64,
+            "duplicate_results": rs.iter().map(|r| r.duplicate_results).sum::<usize>(),
+            "duplicate_executions": rs.iter().map(|r| r.duplicate_executions).sum::<usize>(),
+            "jobs_taken_over": mttr.len(),
+            "mttr_p50_ms": pct(&mttr, 0.5),
+            "mttr_p95_ms": pct(&mttr, 0.95),
+            "mttr_max_ms": pct(&mttr, 1.0),
+        }));
+    }
+    let point = |key: &str| -> Vec<(f64, f64)> {
+        per_fraction
+            .iter()
+            .filter_map(|f| Some((f["kill_pct"].as_f64()?, f[key].as_f64()?)))
+            .collect()
+    };
+    line_chart(
+        &a.out.join("e3.png"),
+        &Chart {
+            title: &format!(
+                "E3: MTTR vs agents killed ({agents} agents, {} jobs)",
+                per * agents
+            ),
+            x: "agents SIGKILLed (%)",
+            y: "ms from the kill to the job running again",
+            series: vec![
+                Series {
+                    label: "MTTR p50".into(),
+                    points: point("mttr_p50_ms"),
+                },
+                Series {
+                    label: "MTTR p95".into(),
+                    points: point("mttr_p95_ms"),
+                },
+                Series {
+                    label: "MTTR max".into(),
+                    points: point("mttr_max_ms"),
+                },
+            ],
+            shade: None,
+        },
+    )?;
+    let out = json!({
+        "command": command_line(),
+        "date": today(),
+        "machine": machine(),
+        "agents": agents,
+        "jobs_per_agent": per,
+        "job_seconds": a.job_seconds,
+        "configurations": per_fraction,
+        "note": "MTTR = HLC ms of the takeover's start record minus the wall clock at SIGKILL, for every job whose holder was killed while it ran",
+    });
+    let text = serde_json::to_string_pretty(&out)?;
+    println!("{text}");
+    write(&a.out.join("e3.json"), &text)
+}
+
+fn e3_run(
+    bin: &Path,
+    agents: usize,
+    jobs: usize,
+    kill_pct: u32,
+    rep: usize,
+    job_seconds: f64,
+) -> anyhow::Result<E3Run> {
+    let root = tempfile::tempdir()?;
+    let markers = root.path().join("markers");
+    std::fs::create_dir_all(&markers)?;
+    let mut nodes =
+        mutual::harness::start_cluster(bin, root.path(), agents, &["--containers", "off"])?;
+    let req = JobRequest {
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "echo \"$MUTUAL_ATTEMPT\" >> {}/\"$MUTUAL_JOB_ID\"; sleep {job_seconds}",
+                markers.display()
+            ),
+        ],
+        resources: Some(Resources {
+            cpu_millis: 100,
+            memory_bytes: 16 << 20,
+            gpus: 0,
+        }),
+        ..JobRequest::default()
+    };
+    let began = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..jobs {
+        ids.push(nodes[i % agents].client().submit(&req)?.id);
+    }
+    // Kill once the first wave runs: the victims hold running jobs.
+    let observer = nodes[0].client();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while observer.jobs(Some("running"))?.len() < (agents * 2).min(jobs) / 2 {
+        if Instant::now() > deadline {
+            bail!("jobs did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let running: BTreeMap<String, String> = observer
+        .jobs(Some("running"))?
+        .into_iter()
+        .filter_map(|s| Some((s.id.clone(), s.node?)))
+        .collect();
+    let killed = (agents * kill_pct as usize).div_ceil(100);
+    // Deterministic per (fraction, repetition); node 0 observes and survives.
+    let mut order: Vec<usize> = (1..agents).collect();
+    let mut x = (u64::from(kill_pct) << 32) ^ rep as u64 ^ 0x9E37_79B9_7F4A_7C15;
+    for i in (1..order.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        order.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let victims: Vec<usize> = order.into_iter().take(killed).collect();
+    let victim_ids: Vec<String> = victims.iter().filter_map(|i| nodes[*i].id()).collect();
+    let t_kill = now_ms();
+    for i in &victims {
+        nodes[*i].kill();
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let done = loop {
+        let all = by_id(&observer)?;
+        if ids.iter().all(|id| all.get(id).is_some_and(is_terminal)) {
+            break all;
+        }
+        if Instant::now() > deadline {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let drain_s = began.elapsed().as_secs_f64();
+    let succeeded = ids
+        .iter()
+        .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
+        .count();
+    let mut mttr_ms = Vec::new();
+    for (id, holder) in &running {
+        if !victim_ids.contains(holder) {
+            continue;
+        }
+        if let Some(start) = done.get(id).and_then(|s| {
+            s.attempts
+                .iter()
+                .filter(|a| &a.node != holder)
+                .filter_map(|a| a.started_at_ms)
+                .find(|t| *t >= t_kill)
+        }) {
+            mttr_ms.push(start.saturating_sub(t_kill) as f64);
+        }
+    }
+    let mut disagree = std::collections::BTreeSet::new();
+    for n in nodes.iter().filter(|n| n.is_running()) {
+        let theirs = by_id(&n.client())?;
+        for id in &ids {
+            if theirs.get(id).map(accepted) != done.get(id).map(accepted) {
+                disagree.insert(id.clone());
+            }
+        }
+    }
+    let duplicate_executions = ids
+        .iter()
+        .map(|id| {
+            let lines = std::fs::read_to_string(markers.join(id))
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            lines.saturating_sub(done.get(id).map_or(1, |s| s.attempts.len().max(1)))
+        })
+        .sum();
+    drop(nodes.drain(..));
+    Ok(E3Run {
+        kill_pct,
+        rep,
+        jobs,
+        killed,
+        success_rate: succeeded as f64 / jobs as f64,
+        duplicate_results: disagree.len(),
+        duplicate_executions,
+        mttr_ms,
+        drain_s,
+    })
 }

@@ -398,10 +398,10 @@ impl Blobs {
         order
     }
 
-    /// Asks live members, in order, to copy `hash` (which this node holds) until `copies`
-    /// of them confirm they hold all of it. Returns those that confirmed (fewer than
-    /// `copies` when not enough members could).
-    pub async fn replicate(&self, hash: Hash, copies: usize) -> Vec<NodeId> {
+    /// Asks live members not in `skip`, in order, to copy `hash` (which this node holds)
+    /// until `copies` of them confirm they hold all of it. Returns those that confirmed
+    /// (fewer than `copies` when not enough members could).
+    pub async fn replicate(&self, hash: Hash, copies: usize, skip: &[NodeId]) -> Vec<NodeId> {
         let mut done = Vec::new();
         if copies == 0 {
             return done;
@@ -413,7 +413,8 @@ impl Blobs {
         let Ok(bytes) = postcard::to_stdvec(&req) else {
             return done;
         };
-        for node in self.peer_order().into_iter().take(MAX_TRIES) {
+        let candidates = self.peer_order().into_iter().filter(|n| !skip.contains(n));
+        for node in candidates.take(MAX_TRIES) {
             match self.ask_copy(node, &bytes).await {
                 Ok(()) => {
                     done.push(node);

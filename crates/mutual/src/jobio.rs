@@ -280,7 +280,7 @@ impl JobIo {
             if need == 0 {
                 break;
             }
-            for n in self.blobs.replicate(hash, need).await {
+            for n in self.blobs.replicate(hash, need, &holders).await {
                 if !holders.contains(&n) {
                     holders.push(n);
                 }
