@@ -525,7 +525,7 @@ fn container_jobs_run_under_docker_limits_and_are_removed() {
     // Long enough (64 MiB copied 64 times) for Docker's stats to be sampled.
     let busy = c
         .submit(&in_container(
-            "dd if=/dev/zero of=/dev/null bs=64M count=64",
+            "dd if=/dev/zero of=/dev/null bs=64M count=192",
             256 << 20,
         ))
         .expect("submit")
