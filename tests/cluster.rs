@@ -96,17 +96,6 @@ fn wait_all_terminal(c: &Client, ids: &[String], secs: u64) -> BTreeMap<String, 
     })
 }
 
-/// What must be identical on every replica for a finished job.
-fn accepted(s: &JobStatus) -> (String, u64, Option<String>, Option<i32>, Option<String>) {
-    (
-        s.state.clone(),
-        s.attempt,
-        s.node.clone(),
-        s.exit_code,
-        s.fencing_token.clone(),
-    )
-}
-
 /// Waits until the node behind `c` reports exactly `done`'s accepted result for every job;
 /// on timeout, says which job differs and how.
 fn agree(c: &Client, ids: &[String], done: &BTreeMap<String, JobStatus>, who: &str) {
@@ -122,7 +111,7 @@ fn agree(c: &Client, ids: &[String], done: &BTreeMap<String, JobStatus>, who: &s
         };
         match ids
             .iter()
-            .find(|id| theirs.get(*id).map(accepted) != Some(accepted(&done[*id])))
+            .find(|id| theirs.get(*id).map(JobStatus::outcome) != Some(done[*id].outcome()))
         {
             None => return,
             Some(id) => {
@@ -333,7 +322,7 @@ fn a_stale_holder_is_fenced_and_its_result_is_not_accepted() {
     for n in &nodes {
         let s = eventually(10, "every node reports the takeover's result", || {
             let s = n.client().job(&id).ok()?;
-            (accepted(&s) == accepted(&done)).then_some(s)
+            (s.outcome() == done.outcome()).then_some(s)
         });
         assert_eq!(s.exit_code, Some(0));
         assert_ne!(s.node.as_deref(), Some(holder.as_str()));
@@ -733,6 +722,24 @@ fn a_killed_nodes_containers_are_removed_and_its_container_job_taken_over() {
 
 // ---- live logs -----------------------------------------------------------------------------
 
+/// Waits until `id` runs; returns the node running it.
+fn running_on(c: &Client, id: &str) -> String {
+    eventually(20, "the job runs", || {
+        let s = c.job(id).ok()?;
+        (s.state == "running").then_some(s.node?)
+    })
+}
+
+/// Starts `mutual logs ID --follow` against the node at `http`, stdout and stderr piped.
+fn follow_logs(bin: &Path, id: &str, http: &str) -> std::process::Child {
+    std::process::Command::new(bin)
+        .args(["logs", id, "--follow", "--node", http])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mutual logs")
+}
+
 #[test]
 fn logs_follow_a_running_job_and_survive_the_death_of_the_node_first_asked() {
     use std::io::{BufRead, BufReader};
@@ -740,21 +747,13 @@ fn logs_follow_a_running_job_and_survive_the_death_of_the_node_first_asked() {
     let c = nodes[0].client();
     let script = "for i in $(seq 1 40); do echo line-$i; echo err-$i >&2; sleep 0.05; done";
     let id = c.submit(&sh(script)).expect("submit").id;
-    let holder = eventually(20, "the job runs", || {
-        let s = c.job(&id).ok()?;
-        (s.state == "running").then_some(s.node?)
-    });
+    let holder = running_on(&c, &id);
     // Ask a node that is not the agent, then kill it mid-stream.
     let k = nodes
         .iter()
         .position(|n| n.id().as_deref() != Some(holder.as_str()))
         .expect("another node");
-    let mut child = std::process::Command::new(&bin)
-        .args(["logs", &id, "--follow", "--node", &nodes[k].http])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("mutual logs");
+    let mut child = follow_logs(&bin, &id, &nodes[k].http);
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let first = lines.next().expect("a line").expect("utf-8");
     assert_eq!(first, "line-1");
@@ -1051,21 +1050,13 @@ fn logs_follow_across_the_death_of_the_agent() {
     let c = nodes[0].client();
     let script = "for i in $(seq 1 30); do echo line-$i; sleep 0.1; done";
     let id = c.submit(&sh(script)).expect("submit").id;
-    let holder = eventually(20, "the job runs", || {
-        let s = c.job(&id).ok()?;
-        (s.state == "running").then_some(s.node?)
-    });
+    let holder = running_on(&c, &id);
     let k = nodes
         .iter()
         .position(|n| n.id().as_deref() == Some(holder.as_str()))
         .expect("holder");
     let ask = (k + 1) % 3;
-    let mut child = std::process::Command::new(&bin)
-        .args(["logs", &id, "--follow", "--node", &nodes[ask].http])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("mutual logs");
+    let mut child = follow_logs(&bin, &id, &nodes[ask].http);
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     assert_eq!(lines.next().expect("a line").expect("utf-8"), "line-1");
     nodes[k].kill();

@@ -94,15 +94,39 @@ fn is_terminal(s: &JobStatus) -> bool {
     matches!(s.state.as_str(), "succeeded" | "failed" | "cancelled")
 }
 
-/// What every replica must agree on for a finished job.
-fn accepted(s: &JobStatus) -> (String, u64, Option<String>, Option<i32>, Option<String>) {
-    (
-        s.state.clone(),
-        s.attempt,
-        s.node.clone(),
-        s.exit_code,
-        s.fencing_token.clone(),
-    )
+/// Jobs for which some live node's outcome differs from `done` (duplicate results).
+fn duplicate_results<'a>(
+    nodes: impl Iterator<Item = &'a LocalNode>,
+    ids: &[String],
+    done: &BTreeMap<String, JobStatus>,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut disagree = std::collections::BTreeSet::new();
+    for n in nodes {
+        let theirs = by_id(&n.client())?;
+        for id in ids {
+            if theirs.get(id).map(JobStatus::outcome) != done.get(id).map(JobStatus::outcome) {
+                disagree.insert(id.clone());
+            }
+        }
+    }
+    Ok(disagree)
+}
+
+/// Executions beyond the attempts each job needed: every execution appends a line to
+/// `markers/<job>`.
+fn duplicate_executions(
+    markers: &Path,
+    ids: &[String],
+    done: &BTreeMap<String, JobStatus>,
+) -> usize {
+    ids.iter()
+        .map(|id| {
+            let lines = std::fs::read_to_string(markers.join(id))
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            lines.saturating_sub(done.get(id).map_or(1, |s| s.attempts.len().max(1)))
+        })
+        .sum()
 }
 
 fn by_id(c: &Client) -> anyhow::Result<BTreeMap<String, JobStatus>> {
@@ -283,9 +307,9 @@ fn e1(a: E1Args) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let catch_up_ms = loop {
         if let (Ok(theirs), Ok(ours)) = (by_id(&entry.client()), by_id(&observer))
-            && all_ids
-                .iter()
-                .all(|id| theirs.get(id).map(accepted) == ours.get(id).map(accepted))
+            && all_ids.iter().all(|id| {
+                theirs.get(id).map(JobStatus::outcome) == ours.get(id).map(JobStatus::outcome)
+            })
         {
             break Some(restarted_at.elapsed().as_millis() as u64);
         }
@@ -313,9 +337,9 @@ fn e1(a: E1Args) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let converged = loop {
         if let Ok(theirs) = by_id(&entry.client())
-            && all_ids
-                .iter()
-                .all(|id| theirs.get(id).map(accepted) == done.get(id).map(accepted))
+            && all_ids.iter().all(|id| {
+                theirs.get(id).map(JobStatus::outcome) == done.get(id).map(JobStatus::outcome)
+            })
         {
             break true;
         }
@@ -328,30 +352,16 @@ fn e1(a: E1Args) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
 
-    // Duplicate results: any live replica whose accepted result differs.
-    let mut disagree = std::collections::BTreeSet::new();
-    for n in std::iter::once(&entry).chain(agents.iter()) {
-        let theirs = by_id(&n.client())?;
-        for id in &all_ids {
-            if theirs.get(id).map(accepted) != done.get(id).map(accepted) {
-                disagree.insert(id.clone());
-            }
-        }
-    }
+    let disagree = duplicate_results(
+        std::iter::once(&entry).chain(agents.iter()),
+        &all_ids,
+        &done,
+    )?;
     let succeeded = all_ids
         .iter()
         .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
         .count();
-    let duplicate_executions: usize = all_ids
-        .iter()
-        .map(|id| {
-            let lines = std::fs::read_to_string(markers.join(id))
-                .map(|t| t.lines().count())
-                .unwrap_or(0);
-            let needed = done.get(id).map_or(1, |s| s.attempts.len().max(1));
-            lines.saturating_sub(needed)
-        })
-        .sum();
+    let duplicate_executions = duplicate_executions(&markers, &all_ids, &done);
 
     let samples = samples.lock().map(|g| g.clone()).unwrap_or_default();
     let rows: Vec<Vec<String>> = samples
@@ -681,24 +691,8 @@ fn e3_run(
             mttr_ms.push(start.saturating_sub(t_kill) as f64);
         }
     }
-    let mut disagree = std::collections::BTreeSet::new();
-    for n in nodes.iter().filter(|n| n.is_running()) {
-        let theirs = by_id(&n.client())?;
-        for id in &ids {
-            if theirs.get(id).map(accepted) != done.get(id).map(accepted) {
-                disagree.insert(id.clone());
-            }
-        }
-    }
-    let duplicate_executions = ids
-        .iter()
-        .map(|id| {
-            let lines = std::fs::read_to_string(markers.join(id))
-                .map(|t| t.lines().count())
-                .unwrap_or(0);
-            lines.saturating_sub(done.get(id).map_or(1, |s| s.attempts.len().max(1)))
-        })
-        .sum();
+    let disagree = duplicate_results(nodes.iter().filter(|n| n.is_running()), &ids, &done)?;
+    let duplicate_executions = duplicate_executions(&markers, &ids, &done);
     drop(nodes.drain(..));
     Ok(E3Run {
         kill_pct,

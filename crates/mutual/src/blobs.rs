@@ -79,6 +79,18 @@ pub fn parse_cid(cid: &str) -> Result<Hash, BlobError> {
         .map_err(|_| BlobError::BadCid(cid.to_string()))
 }
 
+/// No holder could provide `hash`; `tried` says what each one answered.
+fn unavailable(hash: Hash, tried: &[String]) -> BlobError {
+    BlobError::Unavailable {
+        cid: hash.to_hex(),
+        tried: if tried.is_empty() {
+            "no live member to ask".into()
+        } else {
+            tried.join("; ")
+        },
+    }
+}
+
 #[derive(Default)]
 struct Peers {
     /// Members other than this node, in the order they are asked (ring order from here).
@@ -275,14 +287,7 @@ impl Blobs {
                 Err(_) => tried.push(format!("{node:?}: timed out")),
             }
         }
-        Err(BlobError::Unavailable {
-            cid: hash.to_hex(),
-            tried: if tried.is_empty() {
-                "no live member to ask".into()
-            } else {
-                tried.join("; ")
-            },
-        })
+        Err(unavailable(hash, &tried))
     }
 
     /// Streams the blob's bytes, in order, into `tx`: from this node's store when it
@@ -346,14 +351,7 @@ impl Blobs {
                 return self.stream_local(hash, sent, tx).await;
             }
         }
-        Err(BlobError::Unavailable {
-            cid: hash.to_hex(),
-            tried: if tried.is_empty() {
-                "no live member to ask".into()
-            } else {
-                tried.join("; ")
-            },
-        })
+        Err(unavailable(hash, &tried))
     }
 
     async fn stream_local(

@@ -1468,42 +1468,4 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, SealError::Tampered { segment: 0 }), "{err:?}");
     }
-
-    /// Throughput of 256 MiB in 64 KiB writes and reads, to a sink and from memory. Only
-    /// meaningful in release: the cipher's generic code is compiled at this crate's
-    /// opt-level. `cargo test -p mutual --release --lib seal::tests::throughput -- --ignored
-    /// --nocapture`.
-    #[test]
-    #[ignore = "timing, run by hand in release"]
-    fn throughput() {
-        const LEN: usize = 256 << 20;
-        let key = BlobKey::generate();
-        let plain = vec![0x5au8; LEN];
-        let sealed = seal(&plain, &key, SEGMENT_BYTES);
-        let start = std::time::Instant::now();
-        let mut sealer = Sealer::new(io::sink(), &key).unwrap();
-        for part in plain.chunks(64 << 10) {
-            sealer.write_all(part).unwrap();
-        }
-        sealer.finish().unwrap();
-        let seal_s = start.elapsed().as_secs_f64();
-        let start = std::time::Instant::now();
-        let mut opener = Opener::new(&sealed[..], &key).unwrap();
-        let mut buf = vec![0u8; 64 << 10];
-        let mut total = 0;
-        loop {
-            match opener.read(&mut buf).unwrap() {
-                0 => break,
-                n => total += n,
-            }
-        }
-        let open_s = start.elapsed().as_secs_f64();
-        assert_eq!(total, LEN);
-        let gib = LEN as f64 / f64::from(1u32 << 30);
-        eprintln!(
-            "seal {:.2} GiB/s, open {:.2} GiB/s",
-            gib / seal_s,
-            gib / open_s
-        );
-    }
 }

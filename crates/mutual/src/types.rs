@@ -141,6 +141,23 @@ pub struct JobStatus {
     pub outputs: Option<BlobRef>,
 }
 
+/// What every replica must report alike for a job once it ended: state, attempt, node,
+/// exit code, fencing token.
+pub type Outcome = (String, u64, Option<String>, Option<i32>, Option<String>);
+
+impl JobStatus {
+    /// Its [`Outcome`], to compare replicas.
+    pub fn outcome(&self) -> Outcome {
+        (
+            self.state.clone(),
+            self.attempt,
+            self.node.clone(),
+            self.exit_code,
+            self.fencing_token.clone(),
+        )
+    }
+}
+
 /// Builds the status of a job from its view; `None` before its spec arrived.
 pub fn job_status(view: &JobView) -> Option<JobStatus> {
     let spec = view.spec.as_ref()?;
