@@ -306,7 +306,10 @@ struct Entry {
     holder_since_ms: u64,
 }
 
-type QueueKey = (Reverse<i32>, Hlc, JobId);
+/// Queue order: priority, then attempts already begun (a job taken over from a dead
+/// holder, or retried after a failure, resumes before work that never started: its
+/// user has waited longest and its checkpoint is warm), then submission time.
+type QueueKey = (Reverse<i32>, Reverse<bool>, Hlc, JobId);
 
 /// One node's claim engine.
 #[derive(Debug)]
@@ -675,7 +678,12 @@ impl Engine {
 
         // Queued index.
         let want_key = match state {
-            JobState::Queued { .. } => Some((Reverse(spec.priority), spec.submitted_at, job)),
+            JobState::Queued { epoch } => Some((
+                Reverse(spec.priority),
+                Reverse(epoch > Epoch::FIRST),
+                spec.submitted_at,
+                job,
+            )),
             _ => None,
         };
         if entry.queued_key != want_key {
@@ -803,7 +811,7 @@ impl Engine {
             if armed >= self.config.claim_window {
                 break;
             }
-            let job = key.2;
+            let job = key.3;
             let Some(entry) = self.jobs.get(&job) else {
                 continue;
             };

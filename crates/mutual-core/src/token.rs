@@ -30,6 +30,9 @@ impl fmt::Display for Epoch {
 }
 
 impl Epoch {
+    /// A job's first attempt.
+    pub const FIRST: Epoch = Epoch(1);
+
     /// The next epoch (saturating: the takeover cap stops jobs long before).
     pub fn next(self) -> Epoch {
         Epoch(self.0.saturating_add(1))

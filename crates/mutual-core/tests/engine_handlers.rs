@@ -288,3 +288,85 @@ fn a_timestamp_beyond_the_drift_bound_is_not_merged() {
     .expect("handle");
     assert!(e.view(&job).is_some_and(|v| v.contains(&far)));
 }
+
+#[test]
+fn a_freed_slot_resumes_a_taken_over_job_before_work_that_never_started() {
+    use std::sync::Arc;
+    // One slot, one claim armed per freed slot: the queue order alone decides.
+    let one = EngineConfig {
+        slots: 1,
+        claim_window: 1,
+        ..cfg()
+    };
+    let fresh = JobId([1; 16]);
+    let resumed = JobId([2; 16]);
+    let spec_of = |id: JobId, submitted_at: u64| {
+        let mut s = common::spec_at(3, Hlc(submitted_at));
+        s.id = id;
+        Record::Spec(Arc::new(s))
+    };
+    let me = NodeId::from_index(2);
+    let mut e = Engine::new(me, one, T0);
+    // This node is busy with its own job.
+    let (own, cmds) = e
+        .submit(
+            T0,
+            JobRequest {
+                command: vec!["x".into()],
+                ..Default::default()
+            },
+        )
+        .expect("submit");
+    let (at, claim) = timers(&cmds)[0];
+    let cmds = e.handle(at, Event::Timer(claim)).expect("claim");
+    let (at, settle) = timers(&cmds)[0];
+    let cmds = e.handle(at, Event::Timer(settle)).expect("settle");
+    let own_token = cmds
+        .iter()
+        .find_map(|c| match c {
+            Command::Start { token, .. } => Some(*token),
+            _ => None,
+        })
+        .expect("own job starts");
+    // A job that never started, submitted first...
+    e.handle(
+        at + 1,
+        Event::Remote {
+            job: fresh,
+            records: vec![spec_of(fresh, 10)],
+        },
+    )
+    .expect("fresh");
+    // ... and a later one, running on node 1 until node 1 dies.
+    let holder = NodeId::from_index(1);
+    e.handle(
+        at + 2,
+        Event::Remote {
+            job: resumed,
+            records: vec![
+                spec_of(resumed, 20),
+                common::claim(1, holder, 30),
+                common::start(1, holder, 31),
+            ],
+        },
+    )
+    .expect("resumed");
+    e.handle(at + 3, Event::Suspect(holder)).expect("suspect");
+    assert_eq!(
+        e.state(&resumed),
+        Some(JobState::Queued { epoch: Epoch(2) })
+    );
+    assert_eq!(e.state(&fresh), Some(JobState::Queued { epoch: Epoch(1) }));
+    // The slot frees: the taken-over job is the one armed, though submitted later.
+    let cmds = e
+        .handle(at + 4, finished(own, own_token, 0))
+        .expect("finished");
+    let armed: Vec<JobId> = timers(&cmds)
+        .into_iter()
+        .filter_map(|(_, t)| match t {
+            Timer::Claim { job, .. } => Some(job),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(armed, vec![resumed], "{cmds:?}");
+}
