@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mutual::client::Client;
+use mutual::client::{Client, ClientError};
 use mutual::harness::{LocalNode, start_cluster};
 use mutual::types::JobStatus;
 use mutual_core::{JobRequest, Resources};
@@ -1120,4 +1120,90 @@ fn a_container_job_reads_its_inputs_and_leaves_outputs_through_its_mounts() {
             .trim(),
         "2"
     );
+}
+
+/// Cuts the cluster into `halves` (node indices): every node ignores the other half.
+fn split(nodes: &[LocalNode], halves: [&[usize]; 2]) {
+    for (side, other) in [(halves[0], halves[1]), (halves[1], halves[0])] {
+        let block: Vec<String> = other.iter().filter_map(|i| nodes[*i].id()).collect();
+        for &i in side {
+            assert_eq!(
+                nodes[i].client().partition(&block).expect("partition"),
+                block
+            );
+        }
+    }
+}
+
+#[test]
+fn a_partition_runs_jobs_on_both_sides_and_heals_to_one_accepted_result_each() {
+    let (_g, _dir, _bin, nodes) = cluster(4, &["--slots", "2", "--fault-injection"]);
+    let ids: Vec<String> = nodes.iter().filter_map(LocalNode::id).collect();
+    // A job running on each side when the network splits.
+    let mut jobs: Vec<String> = nodes
+        .iter()
+        .map(|n| n.client().submit(&sh("sleep 3")).expect("submit").id)
+        .collect();
+    eventually(20, "the jobs run", || {
+        let running = nodes[0].client().jobs(Some("running")).ok()?;
+        (running.len() == 4).then_some(())
+    });
+    split(&nodes, [&[0, 1], &[2, 3]]);
+    // Each side judges the other dead, and both sides keep accepting and running jobs.
+    eventually(20, "each side sees the other as dead", || {
+        [0usize, 3]
+            .iter()
+            .all(|&i| {
+                nodes[i]
+                    .client()
+                    .nodes()
+                    .is_ok_and(|l| l.iter().filter(|n| n.alive).count() == 2)
+            })
+            .then_some(())
+    });
+    let a = nodes[0]
+        .client()
+        .submit(&sh("sleep 0.2"))
+        .expect("submit in half A")
+        .id;
+    let b = nodes[3]
+        .client()
+        .submit(&sh("sleep 0.2"))
+        .expect("submit in half B")
+        .id;
+    wait_all_terminal(&nodes[0].client(), std::slice::from_ref(&a), 30);
+    wait_all_terminal(&nodes[3].client(), std::slice::from_ref(&b), 30);
+    // Half A has not heard of half B's job.
+    assert!(
+        nodes[0].client().job(&b).is_err(),
+        "a job crossed the partition"
+    );
+    // Heal; every node learns every job and agrees on one accepted result per job.
+    for n in &nodes {
+        n.client().partition(&[]).expect("heal");
+    }
+    jobs.extend([a, b]);
+    let done = wait_all_terminal(&nodes[0].client(), &jobs, 60);
+    for id in &jobs {
+        assert_eq!(done[id].state, "succeeded", "job {id}: {:?}", done[id]);
+    }
+    for n in &nodes {
+        agree(&n.client(), &jobs, &done, "a node after the heal");
+        eventually(20, "everyone is alive again", || {
+            let alive = n.client().nodes().ok()?.iter().filter(|s| s.alive).count();
+            (alive == ids.len()).then_some(())
+        });
+    }
+}
+
+#[test]
+fn fault_injection_is_refused_unless_the_node_was_started_with_it() {
+    let (_g, _dir, _bin, nodes) = cluster(2, &[]);
+    let other = nodes[1].id().expect("id");
+    match nodes[0].client().partition(&[other]) {
+        Err(ClientError::Api { status: 403, body }) => {
+            assert!(body.error.message.contains("--fault-injection"), "{body:?}");
+        }
+        r => panic!("expected 403, got {r:?}"),
+    }
 }

@@ -16,13 +16,13 @@ use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use mutual_core::{JobId, JobRequest};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::node::{ApiError, ApiReq};
-use crate::types::{BlobAccess, BlobStored, ErrorBody, ErrorDetail, TicketReply};
+use crate::types::{BlobAccess, BlobStored, ErrorBody, ErrorDetail, PartitionRequest, TicketReply};
 
 /// Default and largest page of `GET /v1/jobs`.
 pub const DEFAULT_LIST_LIMIT: usize = 1_000;
@@ -91,6 +91,7 @@ fn api_error(e: ApiError) -> Response {
         }
         ApiError::Full(m) => error(StatusCode::SERVICE_UNAVAILABLE, "full", m, None),
         ApiError::NoLogs(m) => error(StatusCode::CONFLICT, "no_logs", m, None),
+        ApiError::Disabled(m) => error(StatusCode::FORBIDDEN, "disabled", m, None),
     }
 }
 
@@ -254,6 +255,29 @@ async fn cancel_job(State(state): State<ApiState>, Path(id): Path<String>) -> Re
 async fn nodes(State(state): State<ApiState>) -> Response {
     match ask(&state, ApiReq::Nodes).await {
         Ok(list) => axum::Json(list).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `POST /v1/debug/partition {"block": [node ids]}`: an injected partition (experiments).
+async fn partition(
+    State(state): State<ApiState>,
+    body: Result<axum::Json<PartitionRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(axum::Json(r)) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                e.body_text(),
+                None,
+            );
+        }
+    };
+    match ask(&state, |tx| ApiReq::Partition(req.block, tx)).await {
+        Ok(Ok(block)) => axum::Json(PartitionRequest { block }).into_response(),
+        Ok(Err(e)) => api_error(e),
         Err(r) => r,
     }
 }
@@ -653,6 +677,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/blobs/{cid}", get(get_blob))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/debug/partition", post(partition))
         .route("/v1/ticket", get(ticket))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))

@@ -173,6 +173,20 @@ impl Client {
         self.get("/v1/nodes")
     }
 
+    /// `POST /v1/debug/partition`: the node ignores these members until the next call
+    /// (empty heals). Needs a node started with `--fault-injection`.
+    pub fn partition(&self, block: &[String]) -> Result<Vec<String>, ClientError> {
+        let req = self.auth(
+            self.agent
+                .post(&format!("{}/v1/debug/partition", self.base)),
+        );
+        let body = crate::types::PartitionRequest {
+            block: block.to_vec(),
+        };
+        self.finish(req.send_json(&body))
+            .map(|r: crate::types::PartitionRequest| r.block)
+    }
+
     /// A join ticket.
     pub fn ticket(&self) -> Result<String, ClientError> {
         self.get::<TicketReply>("/v1/ticket").map(|t| t.ticket)

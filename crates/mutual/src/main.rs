@@ -15,7 +15,9 @@ use mutual::client::{Client, ClientError, DEFAULT_NODE};
 use mutual::node::{NodeConfig, Timing};
 use mutual::ticket::Ticket;
 use mutual::types::{JobStatus, NodeStatus};
-use mutual::units::{parse_cpus, parse_duration_ms, parse_label, parse_size};
+use mutual::units::{
+    parse_cpus, parse_duration_ms, parse_label, parse_signed_duration_ms, parse_size,
+};
 use mutual_core::engine::EngineConfig;
 use mutual_core::{JobRequest, Resources};
 
@@ -253,6 +255,15 @@ struct NodeArgs {
     /// checkpoint) before it is acknowledged or recorded, so no single death loses it.
     #[arg(long, default_value_t = 1)]
     blob_copies: usize,
+    /// Accept `POST /v1/debug/partition`, which makes this node ignore chosen members as
+    /// if the network to them had failed. For experiments and tests; never in production.
+    #[arg(long, help_heading = "Fault injection (experiments only)")]
+    fault_injection: bool,
+    /// Run this node's clock ahead (or, with `-`, behind) the machine's by this much,
+    /// e.g. `-250ms`: an injected clock error for the clock-skew experiment.
+    #[arg(long, default_value = "0ms", allow_hyphen_values = true,
+          value_parser = parse_signed_duration_ms, help_heading = "Fault injection (experiments only)")]
+    clock_skew: i64,
 }
 
 #[derive(Args)]
@@ -713,6 +724,13 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
         labels: a.label.into_iter().collect(),
         ..EngineConfig::default()
     };
+    if a.clock_skew != 0 {
+        tracing::warn!(
+            "--clock-skew {} ms: this node's clock is deliberately wrong",
+            a.clock_skew
+        );
+        mutual::node::set_clock_skew_ms(a.clock_skew);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -744,6 +762,7 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
             gpus,
             checkpoint_interval_ms: a.checkpoint_interval.max(1),
             blob_copies: a.blob_copies,
+            fault_injection: a.fault_injection,
         };
         let mut started = mutual::node::start(cfg).await?;
         let ticket = started.ticket.to_string();

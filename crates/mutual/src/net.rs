@@ -11,10 +11,16 @@
 //! An inbound connection must start with a valid `Hello` from the endpoint iroh
 //! authenticated; otherwise it is closed with [`REFUSED`] before anything is sent, so a
 //! node with the wrong secret learns nothing.
+//!
+//! [`Faults`] lets an experiment cut this node off from chosen peers (`mutual node
+//! --fault-injection`, then `POST /v1/debug/partition`): their connections, of every
+//! protocol, are closed on arrival and their messages ignored, as if the network between
+//! the two had failed. Set on both sides, that is a partition.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use iroh::endpoint::{Connection, VarInt};
@@ -60,6 +66,29 @@ pub struct NetStats {
     pub dropped: AtomicU64,
     /// Inbound connections refused (bad hello).
     pub refused: AtomicU64,
+}
+
+/// Close code for a connection from a peer this node is partitioned from.
+pub const PARTITIONED: u32 = 3;
+
+/// Faults injected for experiments: the endpoints this node refuses to hear from.
+#[derive(Debug, Default)]
+pub struct Faults {
+    blocked: RwLock<HashSet<[u8; 32]>>,
+}
+
+impl Faults {
+    /// Replaces the set of endpoints whose traffic is refused (empty heals).
+    pub fn block(&self, endpoints: impl IntoIterator<Item = [u8; 32]>) {
+        let mut b = self.blocked.write().unwrap_or_else(|p| p.into_inner());
+        *b = endpoints.into_iter().collect();
+    }
+
+    /// Whether traffic from `endpoint` is refused.
+    pub fn blocks(&self, endpoint: &[u8; 32]) -> bool {
+        let b = self.blocked.read().unwrap_or_else(|p| p.into_inner());
+        !b.is_empty() && b.contains(endpoint)
+    }
 }
 
 /// What the transport tells the node.
@@ -124,6 +153,8 @@ pub struct Transport {
     pub events: mpsc::Sender<NetEvent>,
     /// Counters.
     pub stats: Arc<NetStats>,
+    /// Injected faults.
+    pub faults: Arc<Faults>,
 }
 
 impl Transport {
@@ -286,11 +317,12 @@ impl Transport {
             }
         };
         let from = info.id;
-        if self.events.send(NetEvent::Hello(info)).await.is_err() {
+        if self.partitioned(&conn) || self.events.send(NetEvent::Hello(info)).await.is_err() {
             return;
         }
         loop {
             match wire::read_frame(&mut recv).await {
+                Ok(Some(_)) if self.partitioned(&conn) => return,
                 Ok(Some((msg, n))) => {
                     self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
@@ -308,6 +340,17 @@ impl Transport {
                 }
             }
         }
+    }
+}
+
+impl Transport {
+    /// Closes `conn` if its peer is on the other side of an injected partition.
+    pub fn partitioned(&self, conn: &Connection) -> bool {
+        let cut = self.faults.blocks(conn.remote_id().as_bytes());
+        if cut {
+            conn.close(VarInt::from_u32(PARTITIONED), b"partitioned");
+        }
+        cut
     }
 }
 

@@ -123,7 +123,12 @@ pub struct NodeConfig {
     pub checkpoint_interval_ms: u64,
     /// Copies on other nodes each new blob needs before it is acknowledged or recorded.
     pub blob_copies: usize,
+    /// Accept `POST /v1/debug/partition` (experiments and tests only).
+    pub fault_injection: bool,
 }
+
+/// Most peers one injected partition may name.
+pub const MAX_PARTITION_PEERS: usize = 10_000;
 
 /// Exit code of an execution killed before its command started (as a SIGKILL reads).
 pub const KILLED: i32 = 128 + 9;
@@ -183,6 +188,9 @@ pub enum ApiReq {
     LogSource(JobId, oneshot::Sender<Result<LogSource, ApiError>>),
     /// Prometheus text.
     Metrics(oneshot::Sender<String>),
+    /// Refuse all traffic from these members (node ids), replacing the previous set;
+    /// answered with the ids now cut off. Needs [`NodeConfig::fault_injection`].
+    Partition(Vec<String>, oneshot::Sender<Result<Vec<String>, ApiError>>),
 }
 
 /// Where a job's logs can be read.
@@ -227,6 +235,9 @@ pub enum ApiError {
     /// No logs to point at yet, or their node is gone (409).
     #[error("{0}")]
     NoLogs(String),
+    /// A feature this node was not started with (403).
+    #[error("{0}")]
+    Disabled(String),
 }
 
 /// What a started node tells its owner.
@@ -245,11 +256,23 @@ pub struct Started {
     pub io: JobIo,
 }
 
-/// Wall-clock milliseconds since the Unix epoch (the HLC's physical time).
+/// An offset added to this process's wall clock: an injected clock error, for the
+/// clock-skew experiment (`mutual node --clock-skew`). One node per process, so a
+/// process-wide setting; zero unless set.
+static CLOCK_SKEW_MS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Makes this process's clock read `skew_ms` ahead of (or, negative, behind) the system's.
+pub fn set_clock_skew_ms(skew_ms: i64) {
+    CLOCK_SKEW_MS.store(skew_ms, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Wall-clock milliseconds since the Unix epoch (the HLC's physical time), plus any
+/// injected skew.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
+    let wall = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+        .map_or(0, |d| d.as_millis() as u64);
+    wall.saturating_add_signed(CLOCK_SKEW_MS.load(std::sync::atomic::Ordering::Relaxed))
 }
 
 fn read_or_create_key(path: &Path) -> anyhow::Result<iroh::SecretKey> {
@@ -454,6 +477,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         secret,
         events: net_tx,
         stats: stats.clone(),
+        faults: Arc::new(net::Faults::default()),
     };
     {
         let t = transport.clone();
@@ -465,6 +489,9 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
                     else {
                         return;
                     };
+                    if t.partitioned(&conn) {
+                        return;
+                    }
                     if conn.alpn() == wire::ALPN {
                         t.serve(conn).await;
                     } else {
@@ -1769,6 +1796,39 @@ impl Node {
             })
     }
 
+    /// Cuts this node off from `ids` (an injected partition; empty heals).
+    fn partition(&mut self, ids: &[String]) -> Result<Vec<String>, ApiError> {
+        if !self.cfg.fault_injection {
+            return Err(ApiError::Disabled(
+                "fault injection is off: start the node with --fault-injection".into(),
+            ));
+        }
+        if ids.len() > MAX_PARTITION_PEERS {
+            return Err(ApiError::Invalid {
+                field: Some("block".into()),
+                message: format!("at most {MAX_PARTITION_PEERS} node ids"),
+            });
+        }
+        let mut keys = Vec::with_capacity(ids.len());
+        for text in ids {
+            let id: NodeId = text.parse().map_err(|e| ApiError::Invalid {
+                field: Some("block".into()),
+                message: format!("{text:?} is not a node id: {e}"),
+            })?;
+            let m = self.members.get(&id).ok_or_else(|| ApiError::Invalid {
+                field: Some("block".into()),
+                message: format!("{id} is not a member this node knows"),
+            })?;
+            keys.push(m.info.endpoint);
+        }
+        self.transport.faults.block(keys);
+        tracing::warn!(
+            peers = ids.len(),
+            "injected partition: ignoring traffic from {ids:?}"
+        );
+        Ok(ids.to_vec())
+    }
+
     fn on_api(&mut self, req: ApiReq) {
         let now = now_ms();
         match req {
@@ -1855,6 +1915,9 @@ impl Node {
                         .map(|m| node_status(&m.info, m.alive, false)),
                 );
                 let _ = reply.send(out);
+            }
+            ApiReq::Partition(ids, reply) => {
+                let _ = reply.send(self.partition(&ids));
             }
             ApiReq::Metrics(reply) => {
                 let _ = reply.send(self.metrics_text());

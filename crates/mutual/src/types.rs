@@ -316,6 +316,15 @@ pub struct CancelReply {
     pub state: String,
 }
 
+/// Body of `POST /v1/debug/partition`, and its answer: the members whose traffic the
+/// node refuses (empty heals).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartitionRequest {
+    /// Node ids.
+    pub block: Vec<String>,
+}
+
 /// Answer to `GET /v1/ticket`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TicketReply {

@@ -44,6 +44,19 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
         .map_err(|e| format!("{text:?} is not a duration ({e}); try 90s, 5m or 1h30m"))
 }
 
+/// Parses a signed duration in milliseconds: a duration as [`parse_duration_ms`] takes,
+/// optionally after `-` or `+` (`-250ms`).
+pub fn parse_signed_duration_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let (negative, rest) = match t.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let ms =
+        i64::try_from(parse_duration_ms(rest)?).map_err(|_| format!("{text:?} is out of range"))?;
+    Ok(if negative { -ms } else { ms })
+}
+
 /// Parses `k=v`.
 pub fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
@@ -87,6 +100,10 @@ mod tests {
         assert_eq!(parse_duration_ms("250ms"), Ok(250));
         assert_eq!(parse_duration_ms("7"), Ok(7_000));
         assert!(parse_duration_ms("soon").is_err());
+        assert_eq!(parse_signed_duration_ms("-250ms"), Ok(-250));
+        assert_eq!(parse_signed_duration_ms("+1s"), Ok(1_000));
+        assert_eq!(parse_signed_duration_ms("40ms"), Ok(40));
+        assert!(parse_signed_duration_ms("--1s").is_err());
     }
 
     #[test]
