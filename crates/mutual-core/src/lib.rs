@@ -12,12 +12,15 @@
 //! - [`rank`]: rendezvous ranking and the failure-detection ring.
 //! - [`membership`]: the failure detector's decisions (whom to probe, who is judged dead).
 //! - [`overlay`]: the sparse overlay (fingers on the live ring) and its broadcast tree.
+//! - [`discovery`]: finding a node that matches a constraint via per-node directories of
+//!   the overlay neighbours' statuses, at O(log N) messages per node instead of O(N).
 //! - [`invariants`]: one checker per invariant of `docs/invariants.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod blob;
 pub mod derive;
+pub mod discovery;
 pub mod doc;
 pub mod engine;
 pub mod hlc;

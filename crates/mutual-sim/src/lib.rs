@@ -39,6 +39,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
+pub mod e4;
+
 /// Local clocks start here (ms), so that skewed clocks never go below zero.
 const CLOCK_BASE_MS: u64 = 1_000_000_000;
 /// Most violations kept in detail (all are counted).
