@@ -6,6 +6,8 @@
 //! `cargo build --release -p mutual -p mutual-bench && ./target/release/mutual-bench e1`
 //! (`--quick`: timings scaled by 0.1, under a minute on two cores).
 
+mod e4;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,6 +42,9 @@ enum Exp {
     /// E3, fault tolerance: SIGKILL a fraction of the agents while jobs run; success,
     /// duplicates and MTTR per kill fraction.
     E3(E3Args),
+    /// E4, discovery at scale (simulated, 100 to 10,000 nodes): lookup latency and success,
+    /// status reach and per-node message load, for full broadcast and the directory.
+    E4(e4::E4Args),
 }
 
 #[derive(clap::Args)]
@@ -87,6 +92,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().exp {
         Exp::E1(a) => e1(a),
         Exp::E3(a) => e3(a),
+        Exp::E4(a) => e4::run(a),
     }
 }
 

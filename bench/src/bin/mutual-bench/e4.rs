@@ -1,0 +1,183 @@
+//! E4, discovery at scale (simulated): the product's two ways of finding "a node that
+//! matches a constraint right now" — full broadcast of every status (what a node does
+//! today) and the core's discovery directory (`mutual_core::discovery`) — in the
+//! deterministic simulator (`mutual_sim::e4`) at 100, 1,000 and 10,000 nodes.
+
+use std::path::PathBuf;
+
+use mutual_bench::plot::{Chart, Series, csv, line_chart};
+use mutual_bench::{command_line, machine, results_dir, today};
+use mutual_sim::e4::{E4Config, E4Row};
+use serde_json::json;
+
+#[derive(clap::Args)]
+pub struct E4Args {
+    /// A small run: 100 and 1,000 nodes, 200 lookups per constraint mix.
+    #[arg(long)]
+    quick: bool,
+    /// The simulation's seed (every random choice derives from it).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Where the CSV, PNG and JSON go.
+    #[arg(long, default_value_os_t = results_dir())]
+    out: PathBuf,
+}
+
+/// How fast `y` grows from the smallest to the largest N, against log N:
+/// (y(N_max) / y(N_min)) / (log N_max / log N_min). At most 1 is "no faster than log N".
+fn growth_vs_log(points: &[(usize, f64)]) -> Option<f64> {
+    let (&(n0, y0), &(n1, y1)) = (points.first()?, points.last()?);
+    (n1 > n0 && y0 > 0.0 && n0 > 1).then(|| (y1 / y0) / ((n1 as f64).ln() / (n0 as f64).ln()))
+}
+
+pub fn run(a: E4Args) -> anyhow::Result<()> {
+    let cfg = E4Config::new(a.seed, a.quick);
+    let began = std::time::Instant::now();
+    let rows = mutual_sim::e4::run(&cfg);
+    let wall_s = began.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&a.out)?;
+    let text: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.scheme.clone(),
+                r.nodes.to_string(),
+                r.constraint.clone(),
+                r.lookups.to_string(),
+                format!("{:.3}", r.lookup_mean_ms),
+                format!("{:.3}", r.lookup_p99_ms),
+                format!("{:.4}", r.lookup_success_rate),
+                format!("{:.4}", r.lookup_feasible_rate),
+                format!("{:.1}", r.lookup_msgs_mean),
+                format!("{:.2}", r.status_reach_p99_ms),
+                format!("{:.2}", r.status_reach_p99_tail_ms),
+                format!("{:.1}", r.trackers_mean),
+                format!("{:.3}", r.status_changes_per_node_per_s),
+                format!("{:.1}", r.per_node_msgs_per_s_mean),
+                format!("{:.1}", r.per_node_msgs_per_s_max),
+            ]
+        })
+        .collect();
+    csv(
+        &a.out.join("e4.csv"),
+        &[
+            "scheme",
+            "n",
+            "constraint",
+            "lookups",
+            "lookup_mean_ms",
+            "lookup_p99_ms",
+            "lookup_success_rate",
+            "lookup_feasible_rate",
+            "lookup_msgs_mean",
+            "status_reach_p99_ms",
+            "status_reach_p99_tail_ms",
+            "trackers_mean",
+            "status_changes_per_node_per_s",
+            "per_node_msgs_per_s_mean",
+            "per_node_msgs_per_s_max",
+        ],
+        &text,
+    )?;
+    let series = |scheme: &str, constraint: Option<&str>, f: fn(&E4Row) -> f64| {
+        rows.iter()
+            .filter(|r| r.scheme == scheme && constraint.is_none_or(|c| r.constraint == c))
+            .filter(|r| constraint.is_some() || r.constraint == rows[0].constraint)
+            .map(|r| (r.nodes, f(r)))
+            .collect::<Vec<(usize, f64)>>()
+    };
+    let log10 = |pts: Vec<(usize, f64)>| -> Vec<(f64, f64)> {
+        pts.into_iter()
+            .map(|(n, y)| ((n as f64).log10(), y.max(1e-9).log10()))
+            .collect()
+    };
+    line_chart(
+        &a.out.join("e4.png"),
+        &Chart {
+            title: "E4: per-node messages per second vs cluster size (log-log)",
+            x: "log10 N (2 = 100 nodes, 3 = 1,000, 4 = 10,000)",
+            y: "log10 messages sent + received per node per s",
+            series: vec![
+                Series {
+                    label: "broadcast (today), mean".into(),
+                    points: log10(series("broadcast", None, |r| r.per_node_msgs_per_s_mean)),
+                },
+                Series {
+                    label: "directory, mean".into(),
+                    points: log10(series("directory", None, |r| r.per_node_msgs_per_s_mean)),
+                },
+                Series {
+                    label: "directory, busiest node".into(),
+                    points: log10(series("directory", None, |r| r.per_node_msgs_per_s_max)),
+                },
+            ],
+            shade: None,
+        },
+    )?;
+    let mixes: Vec<String> = {
+        let mut m: Vec<String> = rows.iter().map(|r| r.constraint.clone()).collect();
+        m.dedup();
+        m.sort();
+        m.dedup();
+        m
+    };
+    line_chart(
+        &a.out.join("e4-lookup.png"),
+        &Chart {
+            title: "E4: lookup latency p99 vs cluster size",
+            x: "log10 N (2 = 100 nodes, 3 = 1,000, 4 = 10,000)",
+            y: "lookup p99 (ms)",
+            series: ["broadcast", "directory"]
+                .iter()
+                .flat_map(|s| mixes.iter().map(move |m| (*s, m.clone())))
+                .map(|(s, m)| Series {
+                    label: format!("{s}, {m}"),
+                    points: series(s, Some(&m), |r| r.lookup_p99_ms)
+                        .into_iter()
+                        .map(|(n, y)| ((n as f64).log10(), y))
+                        .collect(),
+                })
+                .collect(),
+            shade: None,
+        },
+    )?;
+    let mut growth = Vec::new();
+    for scheme in ["broadcast", "directory"] {
+        let load = growth_vs_log(&series(scheme, None, |r| r.per_node_msgs_per_s_mean));
+        let load_max = growth_vs_log(&series(scheme, None, |r| r.per_node_msgs_per_s_max));
+        let lookup: Vec<_> = mixes
+            .iter()
+            .map(|m| {
+                json!({
+                    "constraint": m,
+                    "lookup_p99_growth_vs_log_n": growth_vs_log(&series(scheme, Some(m), |r| r.lookup_p99_ms)),
+                })
+            })
+            .collect();
+        let lookup_ok = mixes.iter().all(|m| {
+            growth_vs_log(&series(scheme, Some(m), |r| r.lookup_p99_ms)).is_some_and(|g| g <= 1.0)
+        });
+        growth.push(json!({
+            "scheme": scheme,
+            "per_node_msgs_per_s_growth_vs_log_n": load,
+            "per_node_msgs_per_s_max_growth_vs_log_n": load_max,
+            "lookup_p99": lookup,
+            "passes": lookup_ok && load.is_some_and(|g| g <= 1.0),
+        }));
+    }
+    let out = json!({
+        "command": command_line(),
+        "date": today(),
+        "machine": machine(),
+        "seed": a.seed,
+        "simulated": true,
+        "wall_s": wall_s,
+        "growth": growth,
+        "note": "growth_vs_log_n = (y at the largest N / y at the smallest N) / (ln N_max / ln N_min); <= 1 grows no faster than log N. Network model and workload: crates/mutual-sim/src/e4.rs",
+        "configurations": rows,
+    });
+    let text = serde_json::to_string_pretty(&out)?;
+    println!("{text}");
+    std::fs::write(a.out.join("e4.json"), text)?;
+    Ok(())
+}
