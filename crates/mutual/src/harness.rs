@@ -183,14 +183,28 @@ pub fn start_cluster(
     n: usize,
     extra: &[&str],
 ) -> Result<Vec<LocalNode>, HarnessError> {
-    let mut nodes = vec![LocalNode::start(bin, &root.join("node0"), None, extra)?];
-    let ticket = nodes[0].ticket.clone();
-    for i in 1..n {
+    start_cluster_with(bin, root, n, |_| {
+        extra.iter().map(|a| a.to_string()).collect()
+    })
+}
+
+/// [`start_cluster`] with each node's own extra arguments (`extra(i)` for node `i`).
+pub fn start_cluster_with(
+    bin: &Path,
+    root: &Path,
+    n: usize,
+    extra: impl Fn(usize) -> Vec<String>,
+) -> Result<Vec<LocalNode>, HarnessError> {
+    let mut nodes: Vec<LocalNode> = Vec::with_capacity(n);
+    for i in 0..n {
+        let own = extra(i);
+        let own: Vec<&str> = own.iter().map(String::as_str).collect();
+        let ticket = nodes.first().map(|f| f.ticket.clone());
         nodes.push(LocalNode::start(
             bin,
             &root.join(format!("node{i}")),
-            Some(&ticket),
-            extra,
+            ticket.as_deref(),
+            &own,
         )?);
     }
     let deadline = Instant::now() + START_TIMEOUT;

@@ -255,6 +255,11 @@ struct NodeArgs {
     /// checkpoint) before it is acknowledged or recorded, so no single death loses it.
     #[arg(long, default_value_t = 1)]
     blob_copies: usize,
+    /// Records stamped further ahead of this node's clock than this are refused until the
+    /// clock catches up, so one node with a clock far ahead cannot win every claim. Must
+    /// exceed the worst clock difference between two members.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration_ms)]
+    max_clock_drift: u64,
     /// Accept `POST /v1/debug/partition`, which makes this node ignore chosen members as
     /// if the network to them had failed. For experiments and tests; never in production.
     #[arg(long, help_heading = "Fault injection (experiments only)")]
@@ -722,6 +727,7 @@ fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
             gpus: 0,
         },
         labels: a.label.into_iter().collect(),
+        max_drift_ms: a.max_clock_drift,
         ..EngineConfig::default()
     };
     if a.clock_skew != 0 {

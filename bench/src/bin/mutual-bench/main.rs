@@ -7,6 +7,7 @@
 //! (`--quick`: timings scaled by 0.1, under a minute on two cores).
 
 mod e4;
+mod e5;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +46,9 @@ enum Exp {
     /// E4, discovery at scale (simulated, 100 to 10,000 nodes): lookup latency and success,
     /// status reach and per-node message load, for full broadcast and the directory.
     E4(e4::E4Args),
+    /// E5, partitions and clock skew: nodes with skewed clocks split in two halves while
+    /// jobs run, then healed; duplicate results, lost jobs, time to converge.
+    E5(e5::E5Args),
 }
 
 #[derive(clap::Args)]
@@ -93,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         Exp::E1(a) => e1(a),
         Exp::E3(a) => e3(a),
         Exp::E4(a) => e4::run(a),
+        Exp::E5(a) => e5::run(a),
     }
 }
 
@@ -133,6 +138,38 @@ fn duplicate_executions(
             lines.saturating_sub(done.get(id).map_or(1, |s| s.attempts.len().max(1)))
         })
         .sum()
+}
+
+/// A job that appends its attempt number to `markers/<job id>` (so executions can be
+/// counted from the jobs' own side) and sleeps `secs`.
+fn marker_job(markers: &Path, secs: f64) -> JobRequest {
+    JobRequest {
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "echo \"$MUTUAL_ATTEMPT\" >> {}/\"$MUTUAL_JOB_ID\"; sleep {secs}",
+                markers.display()
+            ),
+        ],
+        resources: Some(Resources {
+            cpu_millis: 100,
+            memory_bytes: 16 << 20,
+            gpus: 0,
+        }),
+        ..JobRequest::default()
+    }
+}
+
+/// A deterministic shuffle (xorshift from `seed`): the same order for the same run.
+fn shuffle<T>(items: &mut [T], seed: u64) {
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    for i in (1..items.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        items.swap(i, (x % (i as u64 + 1)) as usize);
+    }
 }
 
 fn by_id(c: &Client) -> anyhow::Result<BTreeMap<String, JobStatus>> {
@@ -212,21 +249,8 @@ fn e1(a: E1Args) -> anyhow::Result<()> {
 
     let job_s = 30.0 * scale;
     let req = JobRequest {
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            format!(
-                "echo \"$MUTUAL_ATTEMPT\" >> {}/\"$MUTUAL_JOB_ID\"; sleep {job_s}",
-                markers.display()
-            ),
-        ],
-        resources: Some(Resources {
-            cpu_millis: 100,
-            memory_bytes: 16 << 20,
-            gpus: 0,
-        }),
         labels: [("role".to_string(), "agent".to_string())].into(),
-        ..JobRequest::default()
+        ..marker_job(&markers, job_s)
     };
     let mut client = FailoverClient {
         nodes: std::iter::once(entry.client())
@@ -615,22 +639,7 @@ fn e3_run(
     std::fs::create_dir_all(&markers)?;
     let mut nodes =
         mutual::harness::start_cluster(bin, root.path(), agents, &["--containers", "off"])?;
-    let req = JobRequest {
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            format!(
-                "echo \"$MUTUAL_ATTEMPT\" >> {}/\"$MUTUAL_JOB_ID\"; sleep {job_seconds}",
-                markers.display()
-            ),
-        ],
-        resources: Some(Resources {
-            cpu_millis: 100,
-            memory_bytes: 16 << 20,
-            gpus: 0,
-        }),
-        ..JobRequest::default()
-    };
+    let req = marker_job(&markers, job_seconds);
     let began = Instant::now();
     let mut ids = Vec::new();
     for i in 0..jobs {
@@ -653,13 +662,7 @@ fn e3_run(
     let killed = (agents * kill_pct as usize).div_ceil(100);
     // Deterministic per (fraction, repetition); node 0 observes and survives.
     let mut order: Vec<usize> = (1..agents).collect();
-    let mut x = (u64::from(kill_pct) << 32) ^ rep as u64 ^ 0x9E37_79B9_7F4A_7C15;
-    for i in (1..order.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    shuffle(&mut order, (u64::from(kill_pct) << 32) ^ rep as u64);
     let victims: Vec<usize> = order.into_iter().take(killed).collect();
     let victim_ids: Vec<String> = victims.iter().filter_map(|i| nodes[*i].id()).collect();
     let t_kill = now_ms();
