@@ -1020,6 +1020,15 @@ echo "$n" > "$MUTUAL_OUTPUT_DIR/final"; echo "done $n""#;
     });
     assert_eq!(done.state, "succeeded", "{done:?}");
     assert_eq!(done.attempt, 2, "taken over once");
+    let (first, second) = (&done.attempts[0], &done.attempts[1]);
+    assert_eq!(first.expired.as_deref(), Some("holder_dead"), "{done:?}");
+    let judged = first
+        .expired_at_ms
+        .expect("when the holder was judged dead");
+    assert!(
+        first.claimed_at_ms < judged && judged <= second.claimed_at_ms,
+        "{done:?}"
+    );
     let logs = cli(&bin, &["logs", &id, "--node", &nodes[(k + 1) % 3].http]);
     let start: u32 = logs
         .lines()

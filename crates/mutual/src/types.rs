@@ -27,6 +27,10 @@ pub struct Attempt {
     pub timed_out: bool,
     /// Why its epoch was closed, if it was (`failed`, `holder_dead`, `gave_up`).
     pub expired: Option<String>,
+    /// When its epoch was first closed (HLC, ms): for a holder that died, the moment a
+    /// node first judged it dead and acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at_ms: Option<u64>,
     /// What it used (wall time, average CPU in thousandths of a core, peak memory, bytes
     /// read and written), if it finished.
     pub metrics: Option<mutual_core::view::ExecMetrics>,
@@ -194,16 +198,18 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
         .iter()
         .map(|(epoch, token)| {
             let result = view.results.get(&(*epoch, token.node));
-            let expired = view
+            let first_expiry = view
                 .expiries
                 .iter()
-                .find(|((e, _), _)| e == epoch)
-                .map(|(_, r)| {
-                    serde_json::to_value(r.reason)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default()
-                });
+                .filter(|((e, _), _)| e == epoch)
+                .map(|(_, r)| r)
+                .min_by_key(|r| r.hlc);
+            let expired = first_expiry.map(|r| {
+                serde_json::to_value(r.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            });
             Attempt {
                 epoch: u64::from(epoch.0),
                 node: token.node.to_string(),
@@ -217,6 +223,7 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
                 exit_code: result.map(|r| r.outcome.exit_code),
                 timed_out: result.is_some_and(|r| r.outcome.timed_out),
                 expired,
+                expired_at_ms: first_expiry.map(|r| r.hlc.as_millis()),
                 metrics: result.map(|r| r.metrics),
                 outputs: result.and_then(|r| r.outputs.clone()),
                 logs: result.and_then(|r| r.logs.clone()),

@@ -25,7 +25,8 @@ use mutual_bench::{command_line, machine, mutual_bin, results_dir, today};
 use serde_json::json;
 
 use super::{
-    by_id, duplicate_executions, duplicate_results, is_terminal, marker_job, shuffle, write,
+    by_id, counter, duplicate_executions, duplicate_results, is_terminal, marker_job, shuffle,
+    write,
 };
 
 #[derive(clap::Args)]
@@ -69,16 +70,6 @@ fn dominates(
             .get(id)
             .is_some_and(|s| s.attempts.len() >= *attempts && (!ended || is_terminal(s)))
     })
-}
-
-/// Counter `name` summed over Prometheus text.
-fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }
 
 /// Seconds since the start; [running, succeeded] as a node of half A and of half B see them.
@@ -278,7 +269,7 @@ fn run_one(
         .iter()
         .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
         .count();
-    let disagree = duplicate_results(nodes.iter(), &all_ids, &done)?;
+    let disagree = duplicate_results(nodes.iter(), &all_ids)?;
     let dup_exec = duplicate_executions(&markers, &all_ids, &done);
     let mut clock_rejections = 0;
     for node in &nodes {

@@ -8,6 +8,7 @@
 
 mod e4;
 mod e5;
+mod kill;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -40,40 +41,18 @@ enum Exp {
     /// E1, no single point of failure: an entry node takes every submission; it is
     /// SIGKILLed mid-run, the client fails over, submissions continue, and it comes back.
     E1(E1Args),
+    /// E2, scalability: N agents (50 to 500), 10 × N jobs, 10 % of the agents SIGKILLed
+    /// mid-run; success, duplicates, MTTR, scheduling wait, per-node messages and memory.
+    E2(kill::E2Args),
     /// E3, fault tolerance: SIGKILL a fraction of the agents while jobs run; success,
     /// duplicates and MTTR per kill fraction.
-    E3(E3Args),
+    E3(kill::E3Args),
     /// E4, discovery at scale (simulated, 100 to 10,000 nodes): lookup latency and success,
     /// status reach and per-node message load, for full broadcast and the directory.
     E4(e4::E4Args),
     /// E5, partitions and clock skew: nodes with skewed clocks split in two halves while
     /// jobs run, then healed; duplicate results, lost jobs, time to converge.
     E5(e5::E5Args),
-}
-
-#[derive(clap::Args)]
-struct E3Args {
-    /// A small run: 20 agents, 5 jobs each, kill 10 % and 40 %, one repetition.
-    #[arg(long)]
-    quick: bool,
-    /// Agents [default: 100, or 20 with --quick].
-    #[arg(long)]
-    agents: Option<usize>,
-    /// Jobs per agent [default: 10, or 5 with --quick].
-    #[arg(long)]
-    jobs_per_agent: Option<usize>,
-    /// Kill fractions in percent [default: 10,20,40,60, or 10,40 with --quick].
-    #[arg(long, value_delimiter = ',')]
-    kill: Vec<u32>,
-    /// Repetitions per fraction [default: 4, or 1 with --quick].
-    #[arg(long)]
-    reps: Option<usize>,
-    /// Seconds each job sleeps.
-    #[arg(long, default_value_t = 3.0)]
-    job_seconds: f64,
-    /// Where the CSV, PNG and JSON go.
-    #[arg(long, default_value_os_t = results_dir())]
-    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -95,7 +74,8 @@ struct E1Args {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().exp {
         Exp::E1(a) => e1(a),
-        Exp::E3(a) => e3(a),
+        Exp::E2(a) => kill::e2(a),
+        Exp::E3(a) => kill::e3(a),
         Exp::E4(a) => e4::run(a),
         Exp::E5(a) => e5::run(a),
     }
@@ -105,22 +85,43 @@ fn is_terminal(s: &JobStatus) -> bool {
     matches!(s.state.as_str(), "succeeded" | "failed" | "cancelled")
 }
 
-/// Jobs for which some live node's outcome differs from `done` (duplicate results).
+/// How long replicas get, after the run drains, to learn the last records before a
+/// difference counts as a duplicate result.
+const CONVERGE_GRACE: Duration = Duration::from_secs(30);
+
+/// Jobs on which the live replicas do not all report one and the same accepted outcome
+/// (duplicate results). A replica may lag by a few records when the run drains, so
+/// differences are re-checked until none is left or [`CONVERGE_GRACE`] has passed; those
+/// left are reported on stderr.
 fn duplicate_results<'a>(
     nodes: impl Iterator<Item = &'a LocalNode>,
     ids: &[String],
-    done: &BTreeMap<String, JobStatus>,
 ) -> anyhow::Result<std::collections::BTreeSet<String>> {
-    let mut disagree = std::collections::BTreeSet::new();
-    for n in nodes {
-        let theirs = by_id(&n.client())?;
+    let clients: Vec<Client> = nodes.map(LocalNode::client).collect();
+    let deadline = Instant::now() + CONVERGE_GRACE;
+    loop {
+        let views = clients
+            .iter()
+            .map(by_id)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut disagree = BTreeMap::new();
         for id in ids {
-            if theirs.get(id).map(JobStatus::outcome) != done.get(id).map(JobStatus::outcome) {
-                disagree.insert(id.clone());
+            let outcomes: std::collections::BTreeSet<_> = views
+                .iter()
+                .map(|v| v.get(id).map(JobStatus::outcome))
+                .collect();
+            if outcomes.len() > 1 {
+                disagree.insert(id.clone(), outcomes);
             }
         }
+        if disagree.is_empty() || Instant::now() > deadline {
+            for (id, outcomes) in &disagree {
+                eprintln!("duplicate result: replicas report {outcomes:?} for job {id}");
+            }
+            return Ok(disagree.into_keys().collect());
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    Ok(disagree)
 }
 
 /// Executions beyond the attempts each job needed: every execution appends a line to
@@ -170,6 +171,16 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
         x ^= x << 17;
         items.swap(i, (x % (i as u64 + 1)) as usize);
     }
+}
+
+/// Counter `name` summed over Prometheus text (every label set).
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 fn by_id(c: &Client) -> anyhow::Result<BTreeMap<String, JobStatus>> {
@@ -382,11 +393,7 @@ fn e1(a: E1Args) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = sampler.join();
 
-    let disagree = duplicate_results(
-        std::iter::once(&entry).chain(agents.iter()),
-        &all_ids,
-        &done,
-    )?;
+    let disagree = duplicate_results(std::iter::once(&entry).chain(agents.iter()), &all_ids)?;
     let succeeded = all_ids
         .iter()
         .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
@@ -474,244 +481,4 @@ fn pct(v: &[f64], p: f64) -> Option<f64> {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     (!s.is_empty()).then(|| s[((s.len() - 1) as f64 * p).round() as usize])
-}
-
-/// One E3 run's figures.
-struct E3Run {
-    kill_pct: u32,
-    rep: usize,
-    jobs: usize,
-    killed: usize,
-    success_rate: f64,
-    duplicate_results: usize,
-    duplicate_executions: usize,
-    mttr_ms: Vec<f64>,
-    drain_s: f64,
-}
-
-fn e3(a: E3Args) -> anyhow::Result<()> {
-    let agents = a.agents.unwrap_or(if a.quick { 20 } else { 100 });
-    let per = a.jobs_per_agent.unwrap_or(if a.quick { 5 } else { 10 });
-    let kills = if a.kill.is_empty() {
-        if a.quick {
-            vec![10, 40]
-        } else {
-            vec![10, 20, 40, 60]
-        }
-    } else {
-        a.kill.clone()
-    };
-    let reps = a.reps.unwrap_or(if a.quick { 1 } else { 4 });
-    let bin = mutual_bin()?;
-    std::fs::create_dir_all(&a.out)?;
-    let mut runs = Vec::new();
-    for &k in &kills {
-        for rep in 0..reps {
-            let r = e3_run(&bin, agents, per * agents, k, rep, a.job_seconds)?;
-            eprintln!(
-                "kill {k}% rep {rep}: success {:.3}, duplicate results {}, duplicate executions {}, MTTR p95 {:?} ms",
-                r.success_rate,
-                r.duplicate_results,
-                r.duplicate_executions,
-                pct(&r.mttr_ms, 0.95)
-            );
-            runs.push(r);
-        }
-    }
-    let rows: Vec<Vec<String>> = runs
-        .iter()
-        .map(|r| {
-            let p = |q| pct(&r.mttr_ms, q).map_or(String::new(), |v| format!("{v:.0}"));
-            vec![
-                r.kill_pct.to_string(),
-                r.rep.to_string(),
-                agents.to_string(),
-                r.jobs.to_string(),
-                r.killed.to_string(),
-                format!("{:.4}", r.success_rate),
-                r.duplicate_results.to_string(),
-                r.duplicate_executions.to_string(),
-                r.mttr_ms.len().to_string(),
-                p(0.5),
-                p(0.95),
-                p(1.0),
-                format!("{:.1}", r.drain_s),
-            ]
-        })
-        .collect();
-    csv(
-        &a.out.join("e3.csv"),
-        &[
-            "kill_pct",
-            "rep",
-            "n",
-            "jobs",
-            "killed",
-            "success_rate",
-            "duplicate_results",
-            "duplicate_executions",
-            "taken_over",
-            "mttr_p50_ms",
-            "mttr_p95_ms",
-            "mttr_max_ms",
-            "drain_s",
-        ],
-        &rows,
-    )?;
-    // Per fraction: all repetitions' samples pooled.
-    let mut per_fraction = Vec::new();
-    for &k in &kills {
-        let rs: Vec<&E3Run> = runs.iter().filter(|r| r.kill_pct == k).collect();
-        let mttr: Vec<f64> = rs.iter().flat_map(|r| r.mttr_ms.iter().copied()).collect();
-        let jobs: usize = rs.iter().map(|r| r.jobs).sum();
-        let ok: f64 = rs.iter().map(|r| r.success_rate * r.jobs as f64).sum();
-        per_fraction.push(json!({
-            "kill_pct": k,
-            "n": agents,
-            "jobs": jobs / rs.len().max(1),
-            "repetitions": rs.len(),
-            "success_rate": ok / jobs.max(1) as f64,
-            "duplicate_results": rs.iter().map(|r| r.duplicate_results).sum::<usize>(),
-            "duplicate_executions": rs.iter().map(|r| r.duplicate_executions).sum::<usize>(),
-            "jobs_taken_over": mttr.len(),
-            "mttr_p50_ms": pct(&mttr, 0.5),
-            "mttr_p95_ms": pct(&mttr, 0.95),
-            "mttr_max_ms": pct(&mttr, 1.0),
-        }));
-    }
-    let point = |key: &str| -> Vec<(f64, f64)> {
-        per_fraction
-            .iter()
-            .filter_map(|f| Some((f["kill_pct"].as_f64()?, f[key].as_f64()?)))
-            .collect()
-    };
-    line_chart(
-        &a.out.join("e3.png"),
-        &Chart {
-            title: &format!(
-                "E3: MTTR vs agents killed ({agents} agents, {} jobs)",
-                per * agents
-            ),
-            x: "agents SIGKILLed (%)",
-            y: "ms from the kill to the job running again",
-            series: vec![
-                Series {
-                    label: "MTTR p50".into(),
-                    points: point("mttr_p50_ms"),
-                },
-                Series {
-                    label: "MTTR p95".into(),
-                    points: point("mttr_p95_ms"),
-                },
-                Series {
-                    label: "MTTR max".into(),
-                    points: point("mttr_max_ms"),
-                },
-            ],
-            shade: None,
-        },
-    )?;
-    let out = json!({
-        "command": command_line(),
-        "date": today(),
-        "machine": machine(),
-        "agents": agents,
-        "jobs_per_agent": per,
-        "job_seconds": a.job_seconds,
-        "configurations": per_fraction,
-        "note": "MTTR = HLC ms of the takeover's start record minus the wall clock at SIGKILL, for every job whose holder was killed while it ran",
-    });
-    let text = serde_json::to_string_pretty(&out)?;
-    println!("{text}");
-    write(&a.out.join("e3.json"), &text)
-}
-
-fn e3_run(
-    bin: &Path,
-    agents: usize,
-    jobs: usize,
-    kill_pct: u32,
-    rep: usize,
-    job_seconds: f64,
-) -> anyhow::Result<E3Run> {
-    let root = tempfile::tempdir()?;
-    let markers = root.path().join("markers");
-    std::fs::create_dir_all(&markers)?;
-    let mut nodes =
-        mutual::harness::start_cluster(bin, root.path(), agents, &["--containers", "off"])?;
-    let req = marker_job(&markers, job_seconds);
-    let began = Instant::now();
-    let mut ids = Vec::new();
-    for i in 0..jobs {
-        ids.push(nodes[i % agents].client().submit(&req)?.id);
-    }
-    // Kill once the first wave runs: the victims hold running jobs.
-    let observer = nodes[0].client();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while observer.jobs(Some("running"))?.len() < (agents * 2).min(jobs) / 2 {
-        if Instant::now() > deadline {
-            bail!("jobs did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let running: BTreeMap<String, String> = observer
-        .jobs(Some("running"))?
-        .into_iter()
-        .filter_map(|s| Some((s.id.clone(), s.node?)))
-        .collect();
-    let killed = (agents * kill_pct as usize).div_ceil(100);
-    // Deterministic per (fraction, repetition); node 0 observes and survives.
-    let mut order: Vec<usize> = (1..agents).collect();
-    shuffle(&mut order, (u64::from(kill_pct) << 32) ^ rep as u64);
-    let victims: Vec<usize> = order.into_iter().take(killed).collect();
-    let victim_ids: Vec<String> = victims.iter().filter_map(|i| nodes[*i].id()).collect();
-    let t_kill = now_ms();
-    for i in &victims {
-        nodes[*i].kill();
-    }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let done = loop {
-        let all = by_id(&observer)?;
-        if ids.iter().all(|id| all.get(id).is_some_and(is_terminal)) {
-            break all;
-        }
-        if Instant::now() > deadline {
-            break all;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let drain_s = began.elapsed().as_secs_f64();
-    let succeeded = ids
-        .iter()
-        .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
-        .count();
-    let mut mttr_ms = Vec::new();
-    for (id, holder) in &running {
-        if !victim_ids.contains(holder) {
-            continue;
-        }
-        if let Some(start) = done.get(id).and_then(|s| {
-            s.attempts
-                .iter()
-                .filter(|a| &a.node != holder)
-                .filter_map(|a| a.started_at_ms)
-                .find(|t| *t >= t_kill)
-        }) {
-            mttr_ms.push(start.saturating_sub(t_kill) as f64);
-        }
-    }
-    let disagree = duplicate_results(nodes.iter().filter(|n| n.is_running()), &ids, &done)?;
-    let duplicate_executions = duplicate_executions(&markers, &ids, &done);
-    drop(nodes.drain(..));
-    Ok(E3Run {
-        kill_pct,
-        rep,
-        jobs,
-        killed,
-        success_rate: succeeded as f64 / jobs as f64,
-        duplicate_results: disagree.len(),
-        duplicate_executions,
-        mttr_ms,
-        drain_s,
-    })
 }

@@ -1,0 +1,491 @@
+//! E2 (scalability) and E3 (fault tolerance): N agents, 10 × N jobs, a fraction of the
+//! agents SIGKILLed once the first wave runs. E2 varies N at 10 % killed; E3 varies the
+//! fraction at one N. One run measures both experiments' metrics:
+//!
+//! - success rate, duplicate results (replicas that disagree on an accepted result),
+//!   duplicate executions (from marker files the jobs write, against the attempts needed);
+//! - MTTR: for every job whose holder was killed while it ran, the HLC of the takeover's
+//!   start record minus the wall clock at the kill; recovery after detection: the same
+//!   start minus the first expiry of the dead holder's epoch (the first node that judged it
+//!   dead and acted);
+//! - scheduling wait: the first attempt's start minus the moment the submit call returned;
+//! - per-node control messages per second (sent + received, from each survivor's
+//!   `/metrics`, over the run) and per-node peak memory (VmHWM of each survivor).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use mutual_bench::plot::{Chart, Series, csv, line_chart};
+use mutual_bench::{command_line, machine, mutual_bin, process_peak_rss_mib, results_dir, today};
+use serde_json::{Value, json};
+
+use super::{
+    by_id, duplicate_executions, duplicate_results, is_terminal, marker_job, now_ms, pct, shuffle,
+    write,
+};
+
+#[derive(clap::Args)]
+pub struct E3Args {
+    /// A small run: 20 agents, 5 jobs each, kill 10 % and 40 %, one repetition.
+    #[arg(long)]
+    quick: bool,
+    /// Agents [default: 100, or 20 with --quick].
+    #[arg(long)]
+    agents: Option<usize>,
+    /// Jobs per agent [default: 10, or 5 with --quick].
+    #[arg(long)]
+    jobs_per_agent: Option<usize>,
+    /// Kill fractions in percent [default: 10,20,40,60, or 10,40 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    kill: Vec<u32>,
+    /// Repetitions per fraction [default: 4, or 1 with --quick].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Execution slots per agent: 20 lets the survivors of a 40 % kill hold every job at
+    /// once (10 per agent), so MTTR measures recovery, not waiting for capacity.
+    #[arg(long, default_value_t = 20)]
+    slots: u32,
+    /// Seconds each job sleeps.
+    #[arg(long, default_value_t = 3.0)]
+    job_seconds: f64,
+    /// Where the CSV, PNG and JSON go.
+    #[arg(long, default_value_os_t = results_dir())]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct E2Args {
+    /// A small run: 10 and 20 agents, 5 jobs each, one repetition.
+    #[arg(long)]
+    quick: bool,
+    /// Cluster sizes [default: 50,100,200,500, or 10,20 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    agents: Vec<usize>,
+    /// Jobs per agent [default: 10, or 5 with --quick].
+    #[arg(long)]
+    jobs_per_agent: Option<usize>,
+    /// Percent of the agents SIGKILLed mid-run.
+    #[arg(long, default_value_t = 10)]
+    kill: u32,
+    /// Repetitions per size [default: 4, or 1 with --quick].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Execution slots per agent: 20 lets the survivors of a 40 % kill hold every job at
+    /// once (10 per agent), so MTTR measures recovery, not waiting for capacity.
+    #[arg(long, default_value_t = 20)]
+    slots: u32,
+    /// Seconds each job sleeps.
+    #[arg(long, default_value_t = 3.0)]
+    job_seconds: f64,
+    /// Where the CSV, PNG and JSON go.
+    #[arg(long, default_value_os_t = results_dir())]
+    out: PathBuf,
+}
+
+/// One run's figures.
+struct Run {
+    agents: usize,
+    slots: u32,
+    kill_pct: u32,
+    rep: usize,
+    jobs: usize,
+    killed: usize,
+    success_rate: f64,
+    duplicate_results: usize,
+    duplicate_executions: usize,
+    mttr_ms: Vec<f64>,
+    recovery_ms: Vec<f64>,
+    sched_wait_ms: Vec<f64>,
+    msgs_per_node_s: Vec<f64>,
+    peak_rss_mib: Vec<f64>,
+    drain_s: f64,
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+const CSV_HEADER: [&str; 20] = [
+    "n",
+    "slots",
+    "kill_pct",
+    "rep",
+    "jobs",
+    "killed",
+    "success_rate",
+    "duplicate_results",
+    "duplicate_executions",
+    "taken_over",
+    "mttr_p50_ms",
+    "mttr_p95_ms",
+    "mttr_max_ms",
+    "recovery_after_detection_p95_ms",
+    "scheduling_wait_p50_ms",
+    "scheduling_wait_p99_ms",
+    "per_node_msgs_per_s_mean",
+    "per_node_msgs_per_s_max",
+    "per_node_peak_rss_mib_mean",
+    "drain_s",
+];
+
+fn csv_row(r: &Run) -> Vec<String> {
+    let p = |v: &[f64], q| pct(v, q).map_or(String::new(), |v| format!("{v:.0}"));
+    let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.1}"));
+    vec![
+        r.agents.to_string(),
+        r.slots.to_string(),
+        r.kill_pct.to_string(),
+        r.rep.to_string(),
+        r.jobs.to_string(),
+        r.killed.to_string(),
+        format!("{:.4}", r.success_rate),
+        r.duplicate_results.to_string(),
+        r.duplicate_executions.to_string(),
+        r.mttr_ms.len().to_string(),
+        p(&r.mttr_ms, 0.5),
+        p(&r.mttr_ms, 0.95),
+        p(&r.mttr_ms, 1.0),
+        p(&r.recovery_ms, 0.95),
+        p(&r.sched_wait_ms, 0.5),
+        p(&r.sched_wait_ms, 0.99),
+        f(mean(&r.msgs_per_node_s)),
+        f(pct(&r.msgs_per_node_s, 1.0)),
+        f(mean(&r.peak_rss_mib)),
+        format!("{:.1}", r.drain_s),
+    ]
+}
+
+/// One configuration's summary: every repetition's samples pooled.
+fn summarize(rs: &[&Run]) -> Value {
+    let pool = |f: fn(&Run) -> &Vec<f64>| -> Vec<f64> {
+        rs.iter().flat_map(|r| f(r).iter().copied()).collect()
+    };
+    let (mttr, recovery, wait) = (
+        pool(|r| &r.mttr_ms),
+        pool(|r| &r.recovery_ms),
+        pool(|r| &r.sched_wait_ms),
+    );
+    let (msgs, rss) = (pool(|r| &r.msgs_per_node_s), pool(|r| &r.peak_rss_mib));
+    let jobs: usize = rs.iter().map(|r| r.jobs).sum();
+    let ok: f64 = rs.iter().map(|r| r.success_rate * r.jobs as f64).sum();
+    json!({
+        "n": rs.first().map(|r| r.agents),
+        "slots_per_agent": rs.first().map(|r| r.slots),
+        "kill_pct": rs.first().map(|r| r.kill_pct),
+        "jobs": jobs / rs.len().max(1),
+        "repetitions": rs.len(),
+        "success_rate": ok / jobs.max(1) as f64,
+        "duplicate_results": rs.iter().map(|r| r.duplicate_results).sum::<usize>(),
+        "duplicate_executions": rs.iter().map(|r| r.duplicate_executions).sum::<usize>(),
+        "jobs_taken_over": mttr.len(),
+        "mttr_p50_ms": pct(&mttr, 0.5),
+        "mttr_p95_ms": pct(&mttr, 0.95),
+        "mttr_max_ms": pct(&mttr, 1.0),
+        "recovery_after_detection_p50_ms": pct(&recovery, 0.5),
+        "recovery_after_detection_p95_ms": pct(&recovery, 0.95),
+        "scheduling_wait_p50_ms": pct(&wait, 0.5),
+        "scheduling_wait_p99_ms": pct(&wait, 0.99),
+        "per_node_msgs_per_s_mean": mean(&msgs),
+        "per_node_msgs_per_s_max": pct(&msgs, 1.0),
+        "per_node_peak_rss_mib_mean": mean(&rss),
+        "per_node_peak_rss_mib_max": pct(&rss, 1.0),
+        "drain_s_mean": mean(&rs.iter().map(|r| r.drain_s).collect::<Vec<_>>()),
+    })
+}
+
+/// Runs every (agents, kill %) pair `reps` times; writes `<name>.csv` and returns the
+/// per-pair summaries.
+fn runs(
+    name: &str,
+    out: &Path,
+    pairs: &[(usize, u32)],
+    per: usize,
+    reps: usize,
+    slots: u32,
+    job_seconds: f64,
+) -> anyhow::Result<Vec<Value>> {
+    let bin = mutual_bin()?;
+    std::fs::create_dir_all(out)?;
+    let mut all = Vec::new();
+    let mut summaries = Vec::new();
+    for &(agents, kill) in pairs {
+        let mut these = Vec::new();
+        for rep in 0..reps {
+            let r = run(&bin, agents, per * agents, kill, rep, slots, job_seconds)?;
+            eprintln!(
+                "{name}: {agents} agents, kill {kill}% rep {rep}: success {:.3}, duplicate results {}, duplicate executions {}, MTTR p95 {:?} ms",
+                r.success_rate,
+                r.duplicate_results,
+                r.duplicate_executions,
+                pct(&r.mttr_ms, 0.95)
+            );
+            these.push(r);
+        }
+        summaries.push(summarize(&these.iter().collect::<Vec<_>>()));
+        all.extend(these);
+    }
+    let rows: Vec<Vec<String>> = all.iter().map(csv_row).collect();
+    csv(&out.join(format!("{name}.csv")), &CSV_HEADER, &rows)?;
+    Ok(summaries)
+}
+
+fn points(summaries: &[Value], x: &str, y: &str) -> Vec<(f64, f64)> {
+    summaries
+        .iter()
+        .filter_map(|f| Some((f[x].as_f64()?, f[y].as_f64()?)))
+        .collect()
+}
+
+fn finish(name: &str, out: &Path, extra: Value, summaries: Vec<Value>) -> anyhow::Result<()> {
+    let mut doc = json!({
+        "command": command_line(),
+        "date": today(),
+        "machine": machine(),
+        "configurations": summaries,
+        "note": "MTTR = HLC ms of the takeover's start record minus the wall clock at SIGKILL, for every job whose holder was killed while it ran; recovery after detection = the same start minus the first expiry of the dead holder's epoch",
+    });
+    if let (Some(d), Some(e)) = (doc.as_object_mut(), extra.as_object()) {
+        d.extend(e.clone());
+    }
+    let text = serde_json::to_string_pretty(&doc)?;
+    println!("{text}");
+    write(&out.join(format!("{name}.json")), &text)
+}
+
+pub fn e3(a: E3Args) -> anyhow::Result<()> {
+    let agents = a.agents.unwrap_or(if a.quick { 20 } else { 100 });
+    let per = a.jobs_per_agent.unwrap_or(if a.quick { 5 } else { 10 });
+    let kills = match (a.kill.is_empty(), a.quick) {
+        (false, _) => a.kill.clone(),
+        (true, true) => vec![10, 40],
+        (true, false) => vec![10, 20, 40, 60],
+    };
+    let reps = a.reps.unwrap_or(if a.quick { 1 } else { 4 });
+    let pairs: Vec<(usize, u32)> = kills.iter().map(|&k| (agents, k)).collect();
+    let summaries = runs("e3", &a.out, &pairs, per, reps, a.slots, a.job_seconds)?;
+    let series = |key: &str, label: &str| Series {
+        label: label.into(),
+        points: points(&summaries, "kill_pct", key),
+    };
+    line_chart(
+        &a.out.join("e3.png"),
+        &Chart {
+            title: &format!(
+                "E3: MTTR vs agents killed ({agents} agents, {} jobs)",
+                per * agents
+            ),
+            x: "agents SIGKILLed (%)",
+            y: "ms from the kill to the job running again",
+            series: vec![
+                series("mttr_p50_ms", "MTTR p50"),
+                series("mttr_p95_ms", "MTTR p95"),
+                series("mttr_max_ms", "MTTR max"),
+                series(
+                    "recovery_after_detection_p95_ms",
+                    "recovery after detection p95",
+                ),
+            ],
+            shade: None,
+        },
+    )?;
+    finish(
+        "e3",
+        &a.out,
+        json!({"agents": agents, "jobs_per_agent": per, "job_seconds": a.job_seconds}),
+        summaries,
+    )
+}
+
+pub fn e2(a: E2Args) -> anyhow::Result<()> {
+    let sizes = match (a.agents.is_empty(), a.quick) {
+        (false, _) => a.agents.clone(),
+        (true, true) => vec![10, 20],
+        (true, false) => vec![50, 100, 200, 500],
+    };
+    let per = a.jobs_per_agent.unwrap_or(if a.quick { 5 } else { 10 });
+    let reps = a.reps.unwrap_or(if a.quick { 1 } else { 4 });
+    let pairs: Vec<(usize, u32)> = sizes.iter().map(|&n| (n, a.kill)).collect();
+    let summaries = runs("e2", &a.out, &pairs, per, reps, a.slots, a.job_seconds)?;
+    let series = |key: &str, label: &str| Series {
+        label: label.into(),
+        points: points(&summaries, "n", key),
+    };
+    line_chart(
+        &a.out.join("e2.png"),
+        &Chart {
+            title: &format!(
+                "E2: success and duplicates vs N ({} % of agents killed)",
+                a.kill
+            ),
+            x: "agents (N)",
+            y: "rate / count",
+            series: vec![
+                series("success_rate", "success rate"),
+                series("duplicate_results", "duplicate results"),
+            ],
+            shade: None,
+        },
+    )?;
+    line_chart(
+        &a.out.join("e2-mttr.png"),
+        &Chart {
+            title: &format!("E2: MTTR and scheduling wait vs N ({} % killed)", a.kill),
+            x: "agents (N)",
+            y: "ms",
+            series: vec![
+                series("mttr_p95_ms", "MTTR p95"),
+                series(
+                    "recovery_after_detection_p95_ms",
+                    "recovery after detection p95",
+                ),
+                series("scheduling_wait_p99_ms", "scheduling wait p99"),
+            ],
+            shade: None,
+        },
+    )?;
+    finish(
+        "e2",
+        &a.out,
+        json!({"kill_pct": a.kill, "jobs_per_agent": per, "job_seconds": a.job_seconds}),
+        summaries,
+    )
+}
+
+/// One run: start `agents` nodes, submit `jobs`, kill `kill_pct` % once the first wave
+/// runs, wait for every job to end, and measure.
+fn run(
+    bin: &Path,
+    agents: usize,
+    jobs: usize,
+    kill_pct: u32,
+    rep: usize,
+    slots: u32,
+    job_seconds: f64,
+) -> anyhow::Result<Run> {
+    let root = tempfile::tempdir()?;
+    let markers = root.path().join("markers");
+    std::fs::create_dir_all(&markers)?;
+    let slots_arg = slots.to_string();
+    let mut nodes = mutual::harness::start_cluster(
+        bin,
+        root.path(),
+        agents,
+        &["--containers", "off", "--slots", &slots_arg],
+    )?;
+    let msgs = |n: &mutual::harness::LocalNode| -> Option<u64> {
+        let text = n.client().metrics().ok()?;
+        Some(
+            super::counter(&text, "mutual_sync_messages_sent")
+                + super::counter(&text, "mutual_sync_messages_received"),
+        )
+    };
+    let msgs_at_start: Vec<Option<u64>> = nodes.iter().map(msgs).collect();
+    let req = marker_job(&markers, job_seconds);
+    let began = Instant::now();
+    let mut ids = Vec::new();
+    let mut submitted_ms = BTreeMap::new();
+    for i in 0..jobs {
+        let id = nodes[i % agents].client().submit(&req)?.id;
+        submitted_ms.insert(id.clone(), now_ms());
+        ids.push(id);
+    }
+    // Kill once the first wave runs: the victims hold running jobs.
+    let observer = nodes[0].client();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while observer.jobs(Some("running"))?.len() < (agents * slots as usize).min(jobs) / 2 {
+        if Instant::now() > deadline {
+            bail!("jobs did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let running: BTreeMap<String, String> = observer
+        .jobs(Some("running"))?
+        .into_iter()
+        .filter_map(|s| Some((s.id.clone(), s.node?)))
+        .collect();
+    let killed = (agents * kill_pct as usize).div_ceil(100);
+    // Deterministic per (fraction, repetition); node 0 observes and survives.
+    let mut order: Vec<usize> = (1..agents).collect();
+    shuffle(&mut order, (u64::from(kill_pct) << 32) ^ rep as u64);
+    let victims: Vec<usize> = order.into_iter().take(killed).collect();
+    let victim_ids: Vec<String> = victims.iter().filter_map(|i| nodes[*i].id()).collect();
+    let t_kill = now_ms();
+    for i in &victims {
+        nodes[*i].kill();
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let done = loop {
+        let all = by_id(&observer)?;
+        if ids.iter().all(|id| all.get(id).is_some_and(is_terminal)) || Instant::now() > deadline {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let drain_s = began.elapsed().as_secs_f64();
+    let succeeded = ids
+        .iter()
+        .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
+        .count();
+    let (mut mttr_ms, mut recovery_ms) = (Vec::new(), Vec::new());
+    for (id, holder) in &running {
+        if !victim_ids.contains(holder) {
+            continue;
+        }
+        let Some(s) = done.get(id) else { continue };
+        let lost = s.attempts.iter().find(|a| &a.node == holder);
+        if let Some(start) = s
+            .attempts
+            .iter()
+            .filter(|a| &a.node != holder)
+            .filter_map(|a| a.started_at_ms)
+            .find(|t| *t >= t_kill)
+        {
+            mttr_ms.push(start.saturating_sub(t_kill) as f64);
+            if let Some(judged) = lost.and_then(|a| a.expired_at_ms) {
+                recovery_ms.push(start.saturating_sub(judged) as f64);
+            }
+        }
+    }
+    let sched_wait_ms: Vec<f64> = ids
+        .iter()
+        .filter_map(|id| {
+            let first = done.get(id)?.attempts.first()?.started_at_ms?;
+            Some(first.saturating_sub(*submitted_ms.get(id)?) as f64)
+        })
+        .collect();
+    let (mut msgs_per_node_s, mut peak_rss_mib) = (Vec::new(), Vec::new());
+    let secs = began.elapsed().as_secs_f64().max(1e-3);
+    for (n, at_start) in nodes.iter().zip(&msgs_at_start) {
+        if !n.is_running() {
+            continue;
+        }
+        if let (Some(now), Some(then)) = (msgs(n), at_start) {
+            msgs_per_node_s.push(now.saturating_sub(*then) as f64 / secs);
+        }
+        if let Some(rss) = n.child.as_ref().and_then(|c| process_peak_rss_mib(c.id())) {
+            peak_rss_mib.push(rss);
+        }
+    }
+    let disagree = duplicate_results(nodes.iter().filter(|n| n.is_running()), &ids)?;
+    let duplicate_executions = duplicate_executions(&markers, &ids, &done);
+    drop(nodes.drain(..));
+    Ok(Run {
+        agents,
+        slots,
+        kill_pct,
+        rep,
+        jobs,
+        killed,
+        success_rate: succeeded as f64 / jobs as f64,
+        duplicate_results: disagree.len(),
+        duplicate_executions,
+        mttr_ms,
+        recovery_ms,
+        sched_wait_ms,
+        msgs_per_node_s,
+        peak_rss_mib,
+        drain_s,
+    })
+}
