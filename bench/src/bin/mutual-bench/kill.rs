@@ -26,62 +26,71 @@ use super::{
     write,
 };
 
+/// What E2 and E3 share.
 #[derive(clap::Args)]
-pub struct E3Args {
-    /// A small run: 20 agents, 5 jobs each, kill 10 % and 40 %, one repetition.
+pub struct RunArgs {
+    /// A small run, under five minutes on two cores: 5 jobs per agent, 3 s jobs, one
+    /// repetition (E2: 10 and 20 agents; E3: 20 agents, 10 % and 40 % killed).
     #[arg(long)]
     quick: bool,
-    /// Agents [default: 100, or 20 with --quick].
-    #[arg(long)]
-    agents: Option<usize>,
     /// Jobs per agent [default: 10, or 5 with --quick].
     #[arg(long)]
     jobs_per_agent: Option<usize>,
-    /// Kill fractions in percent [default: 10,20,40,60, or 10,40 with --quick].
-    #[arg(long, value_delimiter = ',')]
-    kill: Vec<u32>,
-    /// Repetitions per fraction [default: 4, or 1 with --quick].
+    /// Repetitions per configuration [default: 4, or 1 with --quick].
     #[arg(long)]
     reps: Option<usize>,
     /// Execution slots per agent: 20 lets the survivors of a 40 % kill hold every job at
     /// once (10 per agent), so MTTR measures recovery, not waiting for capacity.
     #[arg(long, default_value_t = 20)]
     slots: u32,
-    /// Seconds each job sleeps.
-    #[arg(long, default_value_t = 3.0)]
-    job_seconds: f64,
+    /// Seconds each job sleeps [default: 30, or 3 with --quick]. At full size the
+    /// submissions alone take minutes on two cores, so jobs must outlast them for the
+    /// victims to hold running jobs when they are killed.
+    #[arg(long)]
+    job_seconds: Option<f64>,
     /// Where the CSV, PNG and JSON go.
     #[arg(long, default_value_os_t = results_dir())]
     out: PathBuf,
 }
 
+impl RunArgs {
+    fn jobs_per_agent(&self) -> usize {
+        self.jobs_per_agent
+            .unwrap_or(if self.quick { 5 } else { 10 })
+    }
+
+    fn reps(&self) -> usize {
+        self.reps.unwrap_or(if self.quick { 1 } else { 4 })
+    }
+
+    fn job_seconds(&self) -> f64 {
+        self.job_seconds
+            .unwrap_or(if self.quick { 3.0 } else { 30.0 })
+    }
+}
+
+#[derive(clap::Args)]
+pub struct E3Args {
+    /// Agents [default: 100, or 20 with --quick].
+    #[arg(long)]
+    agents: Option<usize>,
+    /// Kill fractions in percent [default: 10,20,40,60, or 10,40 with --quick].
+    #[arg(long, value_delimiter = ',')]
+    kill: Vec<u32>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
 #[derive(clap::Args)]
 pub struct E2Args {
-    /// A small run: 10 and 20 agents, 5 jobs each, one repetition.
-    #[arg(long)]
-    quick: bool,
     /// Cluster sizes [default: 50,100,200,500, or 10,20 with --quick].
     #[arg(long, value_delimiter = ',')]
     agents: Vec<usize>,
-    /// Jobs per agent [default: 10, or 5 with --quick].
-    #[arg(long)]
-    jobs_per_agent: Option<usize>,
     /// Percent of the agents SIGKILLed mid-run.
     #[arg(long, default_value_t = 10)]
     kill: u32,
-    /// Repetitions per size [default: 4, or 1 with --quick].
-    #[arg(long)]
-    reps: Option<usize>,
-    /// Execution slots per agent: 20 lets the survivors of a 40 % kill hold every job at
-    /// once (10 per agent), so MTTR measures recovery, not waiting for capacity.
-    #[arg(long, default_value_t = 20)]
-    slots: u32,
-    /// Seconds each job sleeps.
-    #[arg(long, default_value_t = 3.0)]
-    job_seconds: f64,
-    /// Where the CSV, PNG and JSON go.
-    #[arg(long, default_value_os_t = results_dir())]
-    out: PathBuf,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// One run's figures.
@@ -197,22 +206,15 @@ fn summarize(rs: &[&Run]) -> Value {
 
 /// Runs every (agents, kill %) pair `reps` times; writes `<name>.csv` and returns the
 /// per-pair summaries.
-fn runs(
-    name: &str,
-    out: &Path,
-    pairs: &[(usize, u32)],
-    per: usize,
-    reps: usize,
-    slots: u32,
-    job_seconds: f64,
-) -> anyhow::Result<Vec<Value>> {
+fn runs(name: &str, pairs: &[(usize, u32)], a: &RunArgs) -> anyhow::Result<Vec<Value>> {
+    let (out, per, slots, job_seconds) = (&a.out, a.jobs_per_agent(), a.slots, a.job_seconds());
     let bin = mutual_bin()?;
     std::fs::create_dir_all(out)?;
     let mut all = Vec::new();
     let mut summaries = Vec::new();
     for &(agents, kill) in pairs {
         let mut these = Vec::new();
-        for rep in 0..reps {
+        for rep in 0..a.reps() {
             let r = run(&bin, agents, per * agents, kill, rep, slots, job_seconds)?;
             eprintln!(
                 "{name}: {agents} agents, kill {kill}% rep {rep}: success {:.3}, duplicate results {}, duplicate executions {}, MTTR p95 {:?} ms",
@@ -255,22 +257,21 @@ fn finish(name: &str, out: &Path, extra: Value, summaries: Vec<Value>) -> anyhow
 }
 
 pub fn e3(a: E3Args) -> anyhow::Result<()> {
-    let agents = a.agents.unwrap_or(if a.quick { 20 } else { 100 });
-    let per = a.jobs_per_agent.unwrap_or(if a.quick { 5 } else { 10 });
-    let kills = match (a.kill.is_empty(), a.quick) {
+    let agents = a.agents.unwrap_or(if a.run.quick { 20 } else { 100 });
+    let per = a.run.jobs_per_agent();
+    let kills = match (a.kill.is_empty(), a.run.quick) {
         (false, _) => a.kill.clone(),
         (true, true) => vec![10, 40],
         (true, false) => vec![10, 20, 40, 60],
     };
-    let reps = a.reps.unwrap_or(if a.quick { 1 } else { 4 });
     let pairs: Vec<(usize, u32)> = kills.iter().map(|&k| (agents, k)).collect();
-    let summaries = runs("e3", &a.out, &pairs, per, reps, a.slots, a.job_seconds)?;
+    let summaries = runs("e3", &pairs, &a.run)?;
     let series = |key: &str, label: &str| Series {
         label: label.into(),
         points: points(&summaries, "kill_pct", key),
     };
     line_chart(
-        &a.out.join("e3.png"),
+        &a.run.out.join("e3.png"),
         &Chart {
             title: &format!(
                 "E3: MTTR vs agents killed ({agents} agents, {} jobs)",
@@ -292,28 +293,27 @@ pub fn e3(a: E3Args) -> anyhow::Result<()> {
     )?;
     finish(
         "e3",
-        &a.out,
-        json!({"agents": agents, "jobs_per_agent": per, "job_seconds": a.job_seconds}),
+        &a.run.out,
+        json!({"agents": agents, "jobs_per_agent": per, "job_seconds": a.run.job_seconds()}),
         summaries,
     )
 }
 
 pub fn e2(a: E2Args) -> anyhow::Result<()> {
-    let sizes = match (a.agents.is_empty(), a.quick) {
+    let sizes = match (a.agents.is_empty(), a.run.quick) {
         (false, _) => a.agents.clone(),
         (true, true) => vec![10, 20],
         (true, false) => vec![50, 100, 200, 500],
     };
-    let per = a.jobs_per_agent.unwrap_or(if a.quick { 5 } else { 10 });
-    let reps = a.reps.unwrap_or(if a.quick { 1 } else { 4 });
+    let per = a.run.jobs_per_agent();
     let pairs: Vec<(usize, u32)> = sizes.iter().map(|&n| (n, a.kill)).collect();
-    let summaries = runs("e2", &a.out, &pairs, per, reps, a.slots, a.job_seconds)?;
+    let summaries = runs("e2", &pairs, &a.run)?;
     let series = |key: &str, label: &str| Series {
         label: label.into(),
         points: points(&summaries, "n", key),
     };
     line_chart(
-        &a.out.join("e2.png"),
+        &a.run.out.join("e2.png"),
         &Chart {
             title: &format!(
                 "E2: success and duplicates vs N ({} % of agents killed)",
@@ -329,7 +329,7 @@ pub fn e2(a: E2Args) -> anyhow::Result<()> {
         },
     )?;
     line_chart(
-        &a.out.join("e2-mttr.png"),
+        &a.run.out.join("e2-mttr.png"),
         &Chart {
             title: &format!("E2: MTTR and scheduling wait vs N ({} % killed)", a.kill),
             x: "agents (N)",
@@ -347,8 +347,8 @@ pub fn e2(a: E2Args) -> anyhow::Result<()> {
     )?;
     finish(
         "e2",
-        &a.out,
-        json!({"kill_pct": a.kill, "jobs_per_agent": per, "job_seconds": a.job_seconds}),
+        &a.run.out,
+        json!({"kill_pct": a.kill, "jobs_per_agent": per, "job_seconds": a.run.job_seconds()}),
         summaries,
     )
 }
@@ -391,10 +391,11 @@ fn run(
         submitted_ms.insert(id.clone(), now_ms());
         ids.push(id);
     }
-    // Kill once the first wave runs: the victims hold running jobs.
+    // Kill once every job is submitted and at least one job per agent runs: the victims
+    // hold running jobs.
     let observer = nodes[0].client();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while observer.jobs(Some("running"))?.len() < (agents * slots as usize).min(jobs) / 2 {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while observer.jobs(Some("running"))?.len() < agents.min(jobs) {
         if Instant::now() > deadline {
             bail!("jobs did not start");
         }

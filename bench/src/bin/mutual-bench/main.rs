@@ -1,10 +1,13 @@
-//! `mutual-bench`: the proposal's experiments, one subcommand each, on real nodes (release
-//! `mutual node` processes on loopback, real job processes). Each writes
-//! `<out>/<experiment>.csv`, `<out>/<experiment>.png` and `<out>/<experiment>.json` (metric
-//! names from `shared/experiments.md`, in snake case).
+//! `mutual-bench`: the proposal's experiments, one subcommand each: E1, E2, E3 and E5 on
+//! real nodes (release `mutual node` processes on loopback, real job processes, faults by
+//! SIGKILL, injected partitions and skewed clocks), E4 in the deterministic simulator. Each
+//! writes `<out>/<experiment>.csv`, `<out>/<experiment>.png` and `<out>/<experiment>.json`
+//! (metric names from `shared/experiments.md`, in snake case).
 //!
 //! `cargo build --release -p mutual -p mutual-bench && ./target/release/mutual-bench e1`
-//! (`--quick`: timings scaled by 0.1, under a minute on two cores).
+//! (every subcommand takes `--quick`: under five minutes on two cores).
+//!
+//! Modules: `e1` here, `kill` (E2 and E3 share one kill-and-measure run), `e4`, `e5`.
 
 mod e4;
 mod e5;
