@@ -71,7 +71,9 @@ pub struct NetStats {
 /// Close code for a connection from a peer this node is partitioned from.
 pub const PARTITIONED: u32 = 3;
 
-/// Faults injected for experiments: the endpoints this node refuses to hear from.
+/// Faults injected for experiments: the endpoints this node refuses to hear from. Blocks
+/// are by endpoint key, which is fresh on every start: a blocked member that restarts is
+/// heard again (as after a real network repair) until it is named again.
 #[derive(Debug, Default)]
 pub struct Faults {
     blocked: RwLock<HashSet<[u8; 32]>>,
@@ -160,6 +162,15 @@ pub struct Transport {
 impl Transport {
     fn me(&self) -> [u8; 32] {
         *self.endpoint.id().as_bytes()
+    }
+
+    /// Closes `conn` if its peer is on the other side of an injected partition.
+    pub fn partitioned(&self, conn: &Connection) -> bool {
+        let cut = self.faults.blocks(conn.remote_id().as_bytes());
+        if cut {
+            conn.close(VarInt::from_u32(PARTITIONED), b"partitioned");
+        }
+        cut
     }
 
     /// Starts a link to `peer`, whose endpoint (this boot) is `endpoint` at `addrs`;
@@ -340,17 +351,6 @@ impl Transport {
                 }
             }
         }
-    }
-}
-
-impl Transport {
-    /// Closes `conn` if its peer is on the other side of an injected partition.
-    pub fn partitioned(&self, conn: &Connection) -> bool {
-        let cut = self.faults.blocks(conn.remote_id().as_bytes());
-        if cut {
-            conn.close(VarInt::from_u32(PARTITIONED), b"partitioned");
-        }
-        cut
     }
 }
 
