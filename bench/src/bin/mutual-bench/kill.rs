@@ -48,6 +48,10 @@ pub struct RunArgs {
     /// victims to hold running jobs when they are killed.
     #[arg(long)]
     job_seconds: Option<f64>,
+    /// An extra argument for every `mutual node` (repeatable), e.g.
+    /// `--node-arg=--probe-interval=100ms` to trade detection speed for probe CPU.
+    #[arg(long, allow_hyphen_values = true)]
+    node_arg: Vec<String>,
     /// Where the CSV, PNG and JSON go.
     #[arg(long, default_value_os_t = results_dir())]
     out: PathBuf,
@@ -97,6 +101,7 @@ pub struct E2Args {
 struct Run {
     agents: usize,
     slots: u32,
+    node_args: Vec<String>,
     kill_pct: u32,
     rep: usize,
     jobs: usize,
@@ -201,13 +206,14 @@ fn summarize(rs: &[&Run]) -> Value {
         "per_node_peak_rss_mib_mean": mean(&rss),
         "per_node_peak_rss_mib_max": pct(&rss, 1.0),
         "drain_s_mean": mean(&rs.iter().map(|r| r.drain_s).collect::<Vec<_>>()),
+        "node_args": rs.first().map(|r| r.node_args.clone()),
     })
 }
 
 /// Runs every (agents, kill %) pair `reps` times; writes `<name>.csv` and returns the
 /// per-pair summaries.
 fn runs(name: &str, pairs: &[(usize, u32)], a: &RunArgs) -> anyhow::Result<Vec<Value>> {
-    let (out, per, slots, job_seconds) = (&a.out, a.jobs_per_agent(), a.slots, a.job_seconds());
+    let (out, per) = (&a.out, a.jobs_per_agent());
     let bin = mutual_bin()?;
     std::fs::create_dir_all(out)?;
     let mut all = Vec::new();
@@ -215,7 +221,7 @@ fn runs(name: &str, pairs: &[(usize, u32)], a: &RunArgs) -> anyhow::Result<Vec<V
     for &(agents, kill) in pairs {
         let mut these = Vec::new();
         for rep in 0..a.reps() {
-            let r = run(&bin, agents, per * agents, kill, rep, slots, job_seconds)?;
+            let r = run(&bin, agents, per * agents, kill, rep, a)?;
             eprintln!(
                 "{name}: {agents} agents, kill {kill}% rep {rep}: success {:.3}, duplicate results {}, duplicate executions {}, MTTR p95 {:?} ms",
                 r.success_rate,
@@ -361,19 +367,17 @@ fn run(
     jobs: usize,
     kill_pct: u32,
     rep: usize,
-    slots: u32,
-    job_seconds: f64,
+    a: &RunArgs,
 ) -> anyhow::Result<Run> {
+    let (slots, job_seconds) = (a.slots, a.job_seconds());
     let root = tempfile::tempdir()?;
     let markers = root.path().join("markers");
     std::fs::create_dir_all(&markers)?;
-    let slots_arg = slots.to_string();
-    let mut nodes = mutual::harness::start_cluster(
-        bin,
-        root.path(),
-        agents,
-        &["--containers", "off", "--slots", &slots_arg],
-    )?;
+    let mut node_args: Vec<String> = vec!["--containers".into(), "off".into()];
+    node_args.extend(["--slots".into(), slots.to_string()]);
+    node_args.extend(a.node_arg.iter().cloned());
+    let mut nodes =
+        mutual::harness::start_cluster_with(bin, root.path(), agents, |_| node_args.clone())?;
     let msgs = |n: &mutual::harness::LocalNode| -> Option<u64> {
         let text = n.client().metrics().ok()?;
         Some(
@@ -475,6 +479,7 @@ fn run(
     Ok(Run {
         agents,
         slots,
+        node_args: a.node_arg.clone(),
         kill_pct,
         rep,
         jobs,
