@@ -76,6 +76,9 @@ pub const PARTITIONED: u32 = 3;
 /// heard again (as after a real network repair) until it is named again.
 #[derive(Debug, Default)]
 pub struct Faults {
+    /// Whether `blocked` is non-empty: every inbound frame asks, so a node without an
+    /// injected partition answers without taking the lock.
+    active: AtomicBool,
     blocked: RwLock<HashSet<[u8; 32]>>,
 }
 
@@ -84,12 +87,17 @@ impl Faults {
     pub fn block(&self, endpoints: impl IntoIterator<Item = [u8; 32]>) {
         let mut b = self.blocked.write().unwrap_or_else(|p| p.into_inner());
         *b = endpoints.into_iter().collect();
+        self.active.store(!b.is_empty(), Ordering::Relaxed);
     }
 
     /// Whether traffic from `endpoint` is refused.
     pub fn blocks(&self, endpoint: &[u8; 32]) -> bool {
-        let b = self.blocked.read().unwrap_or_else(|p| p.into_inner());
-        !b.is_empty() && b.contains(endpoint)
+        self.active.load(Ordering::Relaxed)
+            && self
+                .blocked
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(endpoint)
     }
 }
 

@@ -79,10 +79,15 @@ pub fn run(a: E4Args) -> anyhow::Result<()> {
         ],
         &text,
     )?;
+    // Load and reach are per scheme and N (every mix runs at once): any one mix gives them.
+    let any_mix = rows
+        .first()
+        .map(|r| r.constraint.clone())
+        .unwrap_or_default();
     let series = |scheme: &str, constraint: Option<&str>, f: fn(&E4Row) -> f64| {
+        let mix = constraint.unwrap_or(&any_mix);
         rows.iter()
-            .filter(|r| r.scheme == scheme && constraint.is_none_or(|c| r.constraint == c))
-            .filter(|r| constraint.is_some() || r.constraint == rows[0].constraint)
+            .filter(|r| r.scheme == scheme && r.constraint == mix)
             .map(|r| (r.nodes, f(r)))
             .collect::<Vec<(usize, f64)>>()
     };
@@ -114,13 +119,12 @@ pub fn run(a: E4Args) -> anyhow::Result<()> {
             shade: None,
         },
     )?;
-    let mixes: Vec<String> = {
-        let mut m: Vec<String> = rows.iter().map(|r| r.constraint.clone()).collect();
-        m.dedup();
-        m.sort();
-        m.dedup();
-        m
-    };
+    let mixes: Vec<String> = rows
+        .iter()
+        .map(|r| r.constraint.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
     line_chart(
         &a.out.join("e4-lookup.png"),
         &Chart {
