@@ -514,7 +514,9 @@ fn container_jobs_run_under_docker_limits_and_are_removed() {
     // Long enough (64 MiB copied 64 times) for Docker's stats to be sampled.
     let busy = c
         .submit(&in_container(
-            "dd if=/dev/zero of=/dev/null bs=64M count=192",
+            // Busy for at least 3 s however fast the machine: Docker's stats must
+            // sample it (with a fixed count an idle machine finished in 1.7 s, unsampled).
+            "sleep 3 & t=$!; while kill -0 $t 2>/dev/null; do dd if=/dev/zero of=/dev/null bs=64M count=16; done",
             256 << 20,
         ))
         .expect("submit")
