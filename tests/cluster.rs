@@ -1217,4 +1217,77 @@ fn fault_injection_is_refused_unless_the_node_was_started_with_it() {
         }
         r => panic!("expected 403, got {r:?}"),
     }
+    match nodes[0].client().crash() {
+        Err(ClientError::Api { status: 403, body }) => {
+            assert!(body.error.message.contains("--fault-injection"), "{body:?}");
+        }
+        r => panic!("expected 403, got {r:?}"),
+    }
+    assert!(
+        nodes[0].client().nodes().is_ok(),
+        "a refused crash killed the node"
+    );
+}
+
+#[test]
+fn a_crashed_hosted_node_dies_alone_and_its_job_is_taken_over() {
+    let _g = lock();
+    let dir = scratch();
+    let bin = mutual_bin();
+    let extra: Vec<String> = ["--containers", "off", "--slots", "2"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    // Four nodes in two `mutual host` processes.
+    let mut nodes = mutual::harness::start_hosted_cluster(&bin, dir.path(), 4, 2, &extra)
+        .expect("hosted cluster");
+    let ids: Vec<String> = nodes.iter().map(|n| n.id().expect("id")).collect();
+    assert_eq!(
+        ids.iter().collect::<std::collections::BTreeSet<_>>().len(),
+        4,
+        "every hosted node has its own key"
+    );
+    let c = nodes[0].client();
+    let (id, pid) = submit_sleeper(&c, &dir.path().join("hosted.pid"));
+    let holder = eventually(10, "the job runs", || c.job(&id).ok()?.node);
+    let victim = ids
+        .iter()
+        .position(|i| *i == holder)
+        .expect("holder is ours");
+    let observer = (victim + 1) % 4;
+    let mate = nodes
+        .iter()
+        .enumerate()
+        .position(|(i, n)| {
+            i != victim
+                && n.host.as_ref().map(|h| h.pid) == nodes[victim].host.as_ref().map(|h| h.pid)
+        })
+        .expect("the victim shares its process");
+    nodes[victim].kill();
+    assert!(!nodes[victim].is_running());
+    let o = nodes[observer].client();
+    // Its execution dies with it, the others judge it dead, and the job runs elsewhere.
+    eventually(10, "the crashed node's execution is gone", || {
+        (!pid_alive(pid)).then_some(())
+    });
+    eventually(10, "the crashed node's API is gone", || {
+        nodes[victim].client().nodes().is_err().then_some(())
+    });
+    eventually(20, "the others judge it dead", || {
+        let list = o.nodes().ok()?;
+        list.iter()
+            .any(|n| n.id == holder && !n.alive)
+            .then_some(())
+    });
+    let s = eventually(30, "the job is taken over", || {
+        let s = o.job(&id).ok()?;
+        (s.state == "running" && s.node.as_deref() != Some(holder.as_str())).then_some(s)
+    });
+    assert!(s.attempts.len() >= 2, "{s:?}");
+    // The node that shared its process still serves.
+    assert!(
+        nodes[mate].client().nodes().is_ok(),
+        "the crash took its process mate"
+    );
+    o.cancel(&id).expect("cancel");
 }

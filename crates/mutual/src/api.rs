@@ -42,7 +42,24 @@ pub struct ApiState {
     pub data_dir: Arc<std::path::Path>,
     /// The data plane (uploads, downloads, key wrapping).
     pub io: crate::jobio::JobIo,
+    /// How `POST /v1/debug/crash` kills this node; `None` unless fault injection is on.
+    pub crash: Option<Crash>,
 }
+
+/// Kills a node at once, as SIGKILL would: no goodbye to peers, no flush. A node in its own
+/// process SIGKILLs the process ([`crash_process`]); a node hosted with others
+/// (`mutual host`) has its runtime dropped and its log writer halted.
+pub type Crash = Arc<dyn Fn() + Send + Sync>;
+
+/// The [`Crash`] of a node that is alone in its process.
+pub fn crash_process() -> Crash {
+    Arc::new(|| {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGKILL);
+    })
+}
+
+/// How long `POST /v1/debug/crash` waits before the crash, so its answer can leave.
+pub const CRASH_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// How long a log token works.
 pub const LOG_TOKEN_TTL_MS: u64 = 60_000;
@@ -280,6 +297,25 @@ async fn partition(
         Ok(Err(e)) => api_error(e),
         Err(r) => r,
     }
+}
+
+/// `POST /v1/debug/crash`: the node dies [`CRASH_DELAY`] after answering (experiments).
+async fn crash(State(state): State<ApiState>) -> Response {
+    let Some(crash) = state.crash.clone() else {
+        return api_error(ApiError::Disabled(
+            "fault injection is off: start the node with --fault-injection".into(),
+        ));
+    };
+    tracing::warn!("crashing on request (POST /v1/debug/crash)");
+    tokio::spawn(async move {
+        tokio::time::sleep(CRASH_DELAY).await;
+        crash();
+    });
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(crate::types::CrashReply { crashing: true }),
+    )
+        .into_response()
 }
 
 async fn ticket(State(state): State<ApiState>) -> Response {
@@ -678,6 +714,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/blobs/{cid}", get(get_blob))
         .route("/v1/nodes", get(nodes))
         .route("/v1/debug/partition", post(partition))
+        .route("/v1/debug/crash", post(crash))
         .route("/v1/ticket", get(ticket))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))

@@ -187,6 +187,14 @@ impl Client {
             .map(|r: crate::types::PartitionRequest| r.block)
     }
 
+    /// `POST /v1/debug/crash`: the node dies at once, as if SIGKILLed (no goodbye, no
+    /// flush). Needs a node started with `--fault-injection`.
+    pub fn crash(&self) -> Result<(), ClientError> {
+        let req = self.auth(self.agent.post(&format!("{}/v1/debug/crash", self.base)));
+        self.finish(req.send_empty())
+            .map(|_: crate::types::CrashReply| ())
+    }
+
     /// A join ticket.
     pub fn ticket(&self) -> Result<String, ClientError> {
         self.get::<TicketReply>("/v1/ticket").map(|t| t.ticket)

@@ -1,11 +1,13 @@
-//! Local clusters of real `mutual node` processes, for the demo, the integration tests and
-//! the benchmarks: each node is its own OS process with its own data directory, on
-//! loopback with OS-chosen ports, killed with a real `SIGKILL`.
+//! Local clusters of real nodes, for the demo, the integration tests and the benchmarks:
+//! each node its own `mutual node` process, killed with a real `SIGKILL`, or many nodes per
+//! `mutual host` process (for hundreds of nodes on one machine), killed with
+//! `POST /v1/debug/crash`. Every node has its own data directory, on loopback with
+//! OS-chosen ports.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::client::Client;
@@ -13,10 +15,35 @@ use crate::client::Client;
 /// How long a node may take to print its addresses.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One node process.
+/// A `mutual host` process and the nodes it runs; stopped (SIGKILL) when dropped.
+pub struct HostProcess {
+    child: Mutex<Option<Child>>,
+    /// Its process id.
+    pub pid: u32,
+    /// How many nodes it runs.
+    pub nodes: usize,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut c) = guard.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One node: a process of its own, or one of a [`HostProcess`]'s nodes.
 pub struct LocalNode {
-    /// The process (None once killed or stopped).
+    /// Its own process (None once killed or stopped, and for hosted nodes).
     pub child: Option<Child>,
+    /// The `mutual host` process it runs in, if hosted.
+    pub host: Option<Arc<HostProcess>>,
+    /// A hosted node that was crashed.
+    crashed: bool,
     /// Its data directory.
     pub dir: PathBuf,
     /// Its HTTP API URL.
@@ -124,6 +151,8 @@ impl LocalNode {
         match rx.recv_timeout(START_TIMEOUT) {
             Ok((Some(ticket), Some(http))) => Ok(LocalNode {
                 child: Some(child),
+                host: None,
+                crashed: false,
                 dir: dir.to_owned(),
                 http,
                 ticket,
@@ -155,17 +184,29 @@ impl LocalNode {
         )
     }
 
-    /// SIGKILL: no goodbye, no flush.
+    /// SIGKILL (a hosted node: `POST /v1/debug/crash`, as abrupt): no goodbye, no flush.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        } else if self.host.is_some() && !self.crashed {
+            self.crashed = true;
+            let _ = self.client().crash();
         }
     }
 
-    /// True while the process runs.
+    /// True while the node runs.
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.child.is_some() || (self.host.is_some() && !self.crashed)
+    }
+
+    /// The id of the process it runs in, and how many nodes that process runs.
+    pub fn process(&self) -> Option<(u32, usize)> {
+        match (&self.child, &self.host) {
+            (Some(c), _) => Some((c.id(), 1)),
+            (None, Some(h)) => Some((h.pid, h.nodes)),
+            (None, None) => None,
+        }
     }
 }
 
@@ -207,8 +248,15 @@ pub fn start_cluster_with(
             &own,
         )?);
     }
-    let deadline = Instant::now() + START_TIMEOUT;
-    for node in &nodes {
+    wait_all_alive(&nodes, START_TIMEOUT)?;
+    Ok(nodes)
+}
+
+/// Waits until every node sees all of `nodes` alive.
+fn wait_all_alive(nodes: &[LocalNode], timeout: Duration) -> Result<(), HarnessError> {
+    let n = nodes.len();
+    let deadline = Instant::now() + timeout;
+    for node in nodes {
         loop {
             let alive = node
                 .client()
@@ -228,5 +276,147 @@ pub fn start_cluster_with(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    Ok(())
+}
+
+/// Starts `n` nodes in `mutual host` processes of at most `per_process` nodes each (with
+/// `--fault-injection`, so [`LocalNode::kill`] can crash one), all in one cluster; node
+/// `i` lives in `root/host<k>/node<j>`. Waits until every node sees all of them alive.
+pub fn start_hosted_cluster(
+    bin: &Path,
+    root: &Path,
+    n: usize,
+    per_process: usize,
+    extra: &[String],
+) -> Result<Vec<LocalNode>, HarnessError> {
+    let per_process = per_process.max(1);
+    let mut nodes: Vec<LocalNode> = Vec::with_capacity(n);
+    for k in 0..n.div_ceil(per_process) {
+        let count = per_process.min(n - k * per_process);
+        let dir = root.join(format!("host{k}"));
+        let join = nodes.first().map(|f| f.ticket.clone());
+        nodes.extend(start_host(bin, &dir, count, join.as_deref(), extra)?);
+    }
+    wait_all_alive(&nodes, START_TIMEOUT + Duration::from_millis(20 * n as u64))?;
     Ok(nodes)
+}
+
+/// Starts one `mutual host --nodes count` in `dir` and waits for every node's addresses.
+fn start_host(
+    bin: &Path,
+    dir: &Path,
+    count: usize,
+    join: Option<&str>,
+    extra: &[String],
+) -> Result<Vec<LocalNode>, HarnessError> {
+    let _ = std::fs::create_dir_all(dir);
+    let log = dir.with_extension("log");
+    let spawn_err = |source| HarnessError::Spawn {
+        bin: bin.to_owned(),
+        source,
+    };
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(spawn_err)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("host")
+        .arg("--nodes")
+        .arg(count.to_string())
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("MUTUAL_JOIN")
+        .env_remove("MUTUAL_API_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    if !extra.iter().any(|a| a == "--fault-injection") {
+        cmd.arg("--fault-injection");
+    }
+    if let Some(t) = join {
+        cmd.args(["--join", t]);
+    }
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let no_start = |why: String| HarnessError::NoStart {
+        dir: dir.display().to_string(),
+        why,
+        log: log.display().to_string(),
+    };
+    let Some(stdout) = child.stdout.take() else {
+        return Err(no_start("no stdout".into()));
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let mut found: Vec<(Option<String>, Option<String>)> = vec![(None, None); count];
+        loop {
+            line.clear();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            if line.starts_with("hosting ") {
+                break;
+            }
+            let Some((i, rest)) = line
+                .trim()
+                .strip_prefix("node ")
+                .and_then(|l| l.split_once(' '))
+            else {
+                continue;
+            };
+            let Some(slot) = i.parse::<usize>().ok().and_then(|i| found.get_mut(i)) else {
+                continue;
+            };
+            if let Some(t) = rest.strip_prefix("ticket: ") {
+                slot.0 = Some(t.to_string());
+            } else if let Some(h) = rest.strip_prefix("http: ") {
+                slot.1 = Some(h.to_string());
+            }
+        }
+        let _ = tx.send(found);
+        let mut sink = String::new();
+        while r.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    let timeout = START_TIMEOUT + Duration::from_secs(count as u64);
+    let found = match rx.recv_timeout(timeout) {
+        Ok(found) => found,
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(no_start("it printed no addresses in time".into()));
+        }
+    };
+    if found.iter().any(|(t, h)| t.is_none() || h.is_none()) {
+        let _ = child.kill();
+        let status = child.wait().ok().map(|s| s.to_string()).unwrap_or_default();
+        return Err(no_start(format!("it did not start every node ({status})")));
+    }
+    let host = Arc::new(HostProcess {
+        pid: child.id(),
+        child: Mutex::new(Some(child)),
+        nodes: count,
+        log: log.clone(),
+    });
+    Ok(found
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, (t, h))| {
+            Some(LocalNode {
+                child: None,
+                host: Some(host.clone()),
+                crashed: false,
+                dir: dir.join(format!("node{i}")),
+                http: h?,
+                ticket: t?,
+                log: log.clone(),
+            })
+        })
+        .collect())
 }

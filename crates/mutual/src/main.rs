@@ -2,9 +2,9 @@
 
 mod demo;
 mod logs;
+mod serve;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -12,13 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mutual::client::{Client, ClientError, DEFAULT_NODE};
-use mutual::node::{NodeConfig, Timing};
-use mutual::ticket::Ticket;
 use mutual::types::{JobStatus, NodeStatus};
-use mutual::units::{
-    parse_cpus, parse_duration_ms, parse_label, parse_signed_duration_ms, parse_size,
-};
-use mutual_core::engine::EngineConfig;
+use mutual::units::{parse_cpus, parse_duration_ms, parse_label, parse_size};
 use mutual_core::{JobRequest, Resources};
 
 const EXIT_CODES: &str = "\
@@ -69,7 +64,21 @@ enum Cmd {
     #[command(
         after_help = "Example:\n  mutual node --data-dir /var/lib/mutual\n  mutual node --data-dir ./n2 --http 127.0.0.1:7080 --listen 0.0.0.0:7081 --join mutual1…"
     )]
-    Node(NodeArgs),
+    Node(serve::NodeArgs),
+    /// Run many nodes in one process, for experiments with hundreds of nodes on one machine.
+    ///
+    /// Each is a whole node — its own iroh endpoint and keys, data directory, HTTP API and
+    /// job processes — on its own thread and runtime. Node i lives in `<data-dir>/node<i>`
+    /// and listens on the --http and --listen ports plus i (port 0: a free one each). Without
+    /// --join, node 0 founds a cluster and the others join it. Prints `node <i> ticket: …`
+    /// and `node <i> http: …` per node, then `hosting <n> nodes`. With --fault-injection,
+    /// `POST /v1/debug/crash` to one node kills that node as abruptly as SIGKILL kills a
+    /// `mutual node` (no goodbye, no flush, its job processes killed), and leaves the others.
+    /// A real cluster runs one `mutual node` per machine.
+    #[command(
+        after_help = "Example:\n  mutual host --nodes 100 --data-dir /tmp/pool --http 127.0.0.1:0 --listen 127.0.0.1:0 --containers off --fault-injection"
+    )]
+    Host(serve::HostArgs),
     /// Print a ticket to join the cluster of a node.
     Ticket {
         /// Read it from this node data directory instead of asking a running node.
@@ -185,93 +194,6 @@ enum Cmd {
 }
 
 #[derive(Args)]
-struct NodeArgs {
-    /// Where the node keeps its identity, the cluster secret and the job documents.
-    #[arg(long, env = "MUTUAL_DATA_DIR")]
-    data_dir: PathBuf,
-    /// Peer (QUIC) address. Port 0 picks a free one.
-    #[arg(long, default_value = "0.0.0.0:7071")]
-    listen: SocketAddr,
-    /// HTTP API address. Port 0 picks a free one (the real one is printed).
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    http: SocketAddr,
-    /// Ticket of a member to join (repeatable).
-    #[arg(long, env = "MUTUAL_JOIN", value_delimiter = ',')]
-    join: Vec<String>,
-    /// Give up joining after this long when no --join member answers.
-    #[arg(long, default_value = "20s", value_parser = parse_duration_ms)]
-    join_timeout: u64,
-    /// Jobs run at once [default: the number of CPUs].
-    #[arg(long)]
-    slots: Option<u32>,
-    /// CPUs offered (e.g. 4, 0.5) [default: the number of CPUs].
-    #[arg(long, value_parser = parse_cpus)]
-    cpus: Option<u32>,
-    /// Memory offered (e.g. 8G) [default: the machine's memory].
-    #[arg(long, value_parser = parse_size)]
-    memory: Option<u64>,
-    /// A label jobs can require (repeatable), e.g. --label zone=a.
-    #[arg(long, value_parser = parse_label)]
-    label: Vec<(String, String)>,
-    /// GPUs offered [default: the NVIDIA GPUs `nvidia-smi` lists]. Fewer hides the rest;
-    /// more declares devices that are not detected (for testing placement).
-    #[arg(long)]
-    gpus: Option<u32>,
-    /// Run container jobs (`--image`) through the local Docker Engine: `auto` when Docker
-    /// answers at start, `on` to refuse to start without it, `off` never.
-    #[arg(long, value_enum, default_value_t = mutual::node::ContainerMode::Auto)]
-    containers: mutual::node::ContainerMode,
-    /// OCI runtime for containers: `runc`, or `kata-runtime` / `runsc` where Docker has
-    /// them (VM or gVisor isolation).
-    #[arg(long, default_value = "runc")]
-    container_runtime: String,
-    /// Require `Authorization: Bearer TOKEN` on the API.
-    #[arg(long, env = "MUTUAL_API_TOKEN", hide_env_values = true)]
-    api_token: Option<String>,
-    /// A relay URL to advertise, for clusters across the internet (none by default).
-    #[arg(long)]
-    relay: Option<String>,
-    /// Failure-detector probe period. Each node probes two ring neighbours; probes are
-    /// most of an idle node's CPU (at 250ms, about 6 ms per second on this 2-core
-    /// machine), so shorter periods buy faster detection with CPU.
-    #[arg(long, default_value = "250ms", value_parser = parse_duration_ms)]
-    probe_interval: u64,
-    /// A watched node silent this long is judged dead.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration_ms)]
-    failure_timeout: u64,
-    /// Anti-entropy period (a random overlay neighbour, every period).
-    #[arg(long, default_value = "1s", value_parser = parse_duration_ms)]
-    ae_interval: u64,
-    /// Smallest settle window (the wait after a claim before starting). The node
-    /// widens it to twice the claim propagation delay it measures (probe round trips
-    /// times the overlay's depth), so a better claim arrives before a duplicate starts.
-    #[arg(long, default_value = "2ms", value_parser = parse_duration_ms)]
-    settle: u64,
-    /// How often a running job's MUTUAL_CHECKPOINT_DIR is snapshotted (when it changed),
-    /// unless the job asks for its own interval. A takeover resumes from the last one.
-    #[arg(long, default_value = "30s", value_parser = parse_duration_ms)]
-    checkpoint_interval: u64,
-    /// Other nodes that must hold a copy of every new blob (an upload, outputs, logs, a
-    /// checkpoint) before it is acknowledged or recorded, so no single death loses it.
-    #[arg(long, default_value_t = 1)]
-    blob_copies: usize,
-    /// Records stamped further ahead of this node's clock than this are refused until the
-    /// clock catches up, so one node with a clock far ahead cannot win every claim. Must
-    /// exceed the worst clock difference between two members.
-    #[arg(long, default_value = "500ms", value_parser = parse_duration_ms)]
-    max_clock_drift: u64,
-    /// Accept `POST /v1/debug/partition`, which makes this node ignore chosen members as
-    /// if the network to them had failed. For experiments and tests; never in production.
-    #[arg(long, help_heading = "Fault injection (experiments only)")]
-    fault_injection: bool,
-    /// Run this node's clock ahead (or, with `-`, behind) the machine's by this much,
-    /// e.g. `-250ms`: an injected clock error for the clock-skew experiment.
-    #[arg(long, default_value = "0ms", allow_hyphen_values = true,
-          value_parser = parse_signed_duration_ms, help_heading = "Fault injection (experiments only)")]
-    clock_skew: i64,
-}
-
-#[derive(Args)]
 struct SubmitArgs {
     /// CPUs the job needs (e.g. 1, 0.5).
     #[arg(long, value_parser = parse_cpus)]
@@ -366,7 +288,8 @@ fn show<T: serde::Serialize + ?Sized>(
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Node(args) => run_node(args),
+        Cmd::Node(args) => serve::run_node(args),
+        Cmd::Host(args) => serve::run_host(args),
         Cmd::Ticket { data_dir, conn } => {
             let t = match data_dir {
                 Some(d) => std::fs::read_to_string(d.join("ticket"))
@@ -674,163 +597,4 @@ fn print_nodes(list: &[NodeStatus]) {
             if n.is_self { "  (answering)" } else { "" }
         );
     }
-}
-
-fn machine_memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(8 << 30, |kb| kb * 1024)
-}
-
-fn run_node(a: NodeArgs) -> anyhow::Result<ExitCode> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,iroh=warn,noq=warn,noq_proto=warn")
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let join = a
-        .join
-        .iter()
-        .map(|t| {
-            t.parse::<Ticket>()
-                .map_err(|e| anyhow::anyhow!("--join: {e}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let (mut gpus, trouble) = mutual::gpu::detect();
-    if let Some(t) = trouble {
-        tracing::warn!("no GPUs offered: {t}");
-    }
-    if let Some(n) = a.gpus {
-        gpus.truncate(n as usize);
-        let declared = (gpus.len() as u32..n).map(|index| mutual::gpu::Gpu {
-            index,
-            name: "declared (--gpus)".into(),
-            memory_mib: 0,
-        });
-        gpus.extend(declared);
-    }
-    let engine = EngineConfig {
-        settle_ms: a.settle,
-        slots: a.slots.unwrap_or(cpus).max(1),
-        capacity: Resources {
-            cpu_millis: a.cpus.unwrap_or(cpus * 1000),
-            memory_bytes: a.memory.unwrap_or_else(machine_memory_bytes),
-            gpus: 0,
-        },
-        labels: a.label.into_iter().collect(),
-        max_drift_ms: a.max_clock_drift,
-        ..EngineConfig::default()
-    };
-    if a.clock_skew != 0 {
-        tracing::warn!(
-            "--clock-skew {} ms: this node's clock is deliberately wrong",
-            a.clock_skew
-        );
-        mutual::node::set_clock_skew_ms(a.clock_skew);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    let result = rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.http)
-            .await
-            .with_context(|| format!("--http {}: cannot listen", a.http))?;
-        let http = listener.local_addr()?;
-        let cfg = NodeConfig {
-            data_dir: a.data_dir.clone(),
-            listen: a.listen,
-            http,
-            join: join.clone(),
-            engine,
-            api_token: a.api_token.clone(),
-            relay: a.relay,
-            timing: Timing {
-                probe_interval_ms: a.probe_interval,
-                failure_timeout_ms: a.failure_timeout,
-                ae_interval_ms: a.ae_interval.max(1),
-                ..Timing::default()
-            },
-            launcher: mutual::exec::Launcher {
-                shim: std::env::current_exe().ok(),
-            },
-            containers: a.containers,
-            container_runtime: a.container_runtime.clone(),
-            gpus,
-            checkpoint_interval_ms: a.checkpoint_interval.max(1),
-            blob_copies: a.blob_copies,
-            fault_injection: a.fault_injection,
-        };
-        let mut started = mutual::node::start(cfg).await?;
-        let ticket = started.ticket.to_string();
-        let state = mutual::api::ApiState {
-            node: started.api.clone(),
-            token: a.api_token.map(|t| t.into()),
-            ticket: ticket.clone().into(),
-            secret: started.ticket.secret,
-            data_dir: a.data_dir.clone().into(),
-            io: started.io.clone(),
-        };
-        let app = mutual::api::router(state);
-        // Without TCP_NODELAY a request whose headers and body leave in two writes waits
-        // for the peer's delayed ACK (40 ms on Linux): seen here as 84 ms per submit.
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!("the HTTP server stopped: {e}");
-            }
-        });
-        if !join.is_empty() {
-            let waited = tokio::time::timeout(Duration::from_millis(a.join_timeout), async {
-                loop {
-                    if let Some(r) = started.joined.borrow_and_update().clone() {
-                        return r;
-                    }
-                    if started.joined.changed().await.is_err() {
-                        return Err("the node stopped".to_string());
-                    }
-                }
-            })
-            .await;
-            match waited {
-                Ok(Ok(())) => {}
-                Ok(Err(reason)) => anyhow::bail!("cannot join the cluster: every --join member refused us ({reason})"),
-                Err(_) => anyhow::bail!(
-                    "cannot join the cluster: none of the {} --join member(s) answered within {} ms",
-                    join.len(),
-                    a.join_timeout
-                ),
-            }
-        }
-        let http_url = format!("http://{http}");
-        std::fs::write(a.data_dir.join("ticket"), format!("{ticket}\n"))?;
-        std::fs::write(a.data_dir.join("http"), format!("{http_url}\n"))?;
-        println!("ticket: {ticket}");
-        println!("http: {http_url}");
-        use std::io::Write;
-        std::io::stdout().flush()?;
-        tracing::info!(id = %started.id, "node running");
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("stopping");
-        Ok(ExitCode::SUCCESS)
-    });
-    // Everything acknowledged is on disk already; do not wait for idle tasks.
-    rt.shutdown_timeout(Duration::from_millis(200));
-    result
 }

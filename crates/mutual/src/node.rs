@@ -123,8 +123,11 @@ pub struct NodeConfig {
     pub checkpoint_interval_ms: u64,
     /// Copies on other nodes each new blob needs before it is acknowledged or recorded.
     pub blob_copies: usize,
-    /// Accept `POST /v1/debug/partition` (experiments and tests only).
+    /// Accept `POST /v1/debug/partition` and `POST /v1/debug/crash` (experiments and
+    /// tests only).
     pub fault_injection: bool,
+    /// Set when a hosted node is crashed (`mutual host`): its log writer stops at once.
+    pub halt: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Most peers one injected partition may name.
@@ -444,7 +447,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         me: id,
         copies: cfg.blob_copies,
     };
-    let (store, loaded) = Store::open(&cfg.data_dir.join("jobs"))?;
+    let (store, loaded) = Store::open_with_halt(&cfg.data_dir.join("jobs"), cfg.halt.clone())?;
     if loaded.truncated_bytes > 0 {
         tracing::warn!(
             "the job log ended in a torn write ({} bytes cut); nothing acknowledged was lost",

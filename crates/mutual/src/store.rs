@@ -15,7 +15,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 
 use mutual_core::JobId;
 
@@ -168,6 +169,16 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 impl Store {
     /// Opens (or creates) the store in `dir`, loads what it holds, and starts the writer.
     pub fn open(dir: &Path) -> Result<(Store, Loaded), StoreError> {
+        Store::open_with_halt(dir, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// [`Store::open`], with a switch that stops the writer at once: once `halt` is set it
+    /// writes nothing more, not even what is queued, and runs no continuation, as a
+    /// SIGKILLed process would. `mutual host` crashes a hosted node this way.
+    pub fn open_with_halt(
+        dir: &Path,
+        halt: Arc<AtomicBool>,
+    ) -> Result<(Store, Loaded), StoreError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let snap = dir.join("docs.snap");
         let wal = dir.join("wal.log");
@@ -187,7 +198,7 @@ impl Store {
         let d = dir.to_owned();
         std::thread::Builder::new()
             .name("mutual-store".into())
-            .spawn(move || writer(d, file, rx))
+            .spawn(move || writer(d, file, rx, halt))
             .map_err(io_err(dir))?;
         Ok((
             Store { tx },
@@ -236,10 +247,13 @@ impl Store {
     }
 }
 
-fn writer(dir: PathBuf, mut wal: File, rx: mpsc::Receiver<Req>) {
+fn writer(dir: PathBuf, mut wal: File, rx: mpsc::Receiver<Req>, halt: Arc<AtomicBool>) {
     let wal_path = dir.join("wal.log");
     let mut buf = Vec::new();
     while let Ok(first) = rx.recv() {
+        if halt.load(Ordering::Relaxed) {
+            return;
+        }
         let mut reqs = vec![first];
         while let Ok(r) = rx.try_recv() {
             reqs.push(r);
@@ -386,5 +400,23 @@ mod tests {
             loaded.frames,
             vec![frame(1, 10), frame(2, 20), frame(3, 30)]
         );
+    }
+
+    #[test]
+    fn a_halted_writer_writes_nothing_more_and_acknowledges_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let halt = Arc::new(AtomicBool::new(false));
+        let (store, _) = Store::open_with_halt(dir.path(), halt.clone()).expect("open");
+        append_sync(&store, vec![frame(1, 10)]);
+        halt.store(true, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        store.append(vec![frame(2, 10)], move || {
+            let _ = tx.send(());
+        });
+        // The writer stops without running the continuation: its sender is dropped.
+        assert!(rx.recv().is_err(), "a halted store acknowledged a write");
+        drop(store);
+        let (_s, loaded) = Store::open(dir.path()).expect("reopen");
+        assert_eq!(loaded.frames, vec![frame(1, 10)]);
     }
 }

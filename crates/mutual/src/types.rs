@@ -332,6 +332,13 @@ pub struct PartitionRequest {
     pub block: Vec<String>,
 }
 
+/// Answer to `POST /v1/debug/crash`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrashReply {
+    /// Always true: the node dies right after answering.
+    pub crashing: bool,
+}
+
 /// Answer to `GET /v1/ticket`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TicketReply {

@@ -10,7 +10,8 @@
 //!   dead and acted);
 //! - scheduling wait: the first attempt's start minus the moment the submit call returned;
 //! - per-node control messages per second (sent + received, from each survivor's
-//!   `/metrics`, over the run) and per-node peak memory (VmHWM of each survivor).
+//!   `/metrics`, over the run) and per-node peak memory (VmHWM of each survivor; a hosted
+//!   node counts its share of its process's).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,12 @@ pub struct RunArgs {
     /// victims to hold running jobs when they are killed.
     #[arg(long)]
     job_seconds: Option<f64>,
+    /// Nodes per OS process. 1 (the default) runs every agent as its own `mutual node`,
+    /// killed with SIGKILL; more runs them in `mutual host` processes, each node on its own
+    /// thread and runtime, killed with `POST /v1/debug/crash` (as abrupt: no goodbye, no
+    /// flush). Hundreds of agents fit on one machine only this way.
+    #[arg(long, default_value_t = 1)]
+    per_process: usize,
     /// An extra argument for every `mutual node` (repeatable), e.g.
     /// `--node-arg=--probe-interval=100ms` to trade detection speed for probe CPU.
     #[arg(long, allow_hyphen_values = true)]
@@ -100,6 +107,7 @@ pub struct E2Args {
 /// One run's figures.
 struct Run {
     agents: usize,
+    per_process: usize,
     slots: u32,
     node_args: Vec<String>,
     kill_pct: u32,
@@ -121,7 +129,7 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-const CSV_HEADER: [&str; 20] = [
+const CSV_HEADER: [&str; 21] = [
     "n",
     "slots",
     "kill_pct",
@@ -142,6 +150,7 @@ const CSV_HEADER: [&str; 20] = [
     "per_node_msgs_per_s_max",
     "per_node_peak_rss_mib_mean",
     "drain_s",
+    "nodes_per_process",
 ];
 
 fn csv_row(r: &Run) -> Vec<String> {
@@ -168,6 +177,7 @@ fn csv_row(r: &Run) -> Vec<String> {
         f(pct(&r.msgs_per_node_s, 1.0)),
         f(mean(&r.peak_rss_mib)),
         format!("{:.1}", r.drain_s),
+        r.per_process.to_string(),
     ]
 }
 
@@ -187,6 +197,7 @@ fn summarize(rs: &[&Run]) -> Value {
     json!({
         "n": rs.first().map(|r| r.agents),
         "slots_per_agent": rs.first().map(|r| r.slots),
+        "nodes_per_process": rs.first().map(|r| r.per_process),
         "kill_pct": rs.first().map(|r| r.kill_pct),
         "jobs": jobs / rs.len().max(1),
         "repetitions": rs.len(),
@@ -376,8 +387,11 @@ fn run(
     let mut node_args: Vec<String> = vec!["--containers".into(), "off".into()];
     node_args.extend(["--slots".into(), slots.to_string()]);
     node_args.extend(a.node_arg.iter().cloned());
-    let mut nodes =
-        mutual::harness::start_cluster_with(bin, root.path(), agents, |_| node_args.clone())?;
+    let mut nodes = if a.per_process > 1 {
+        mutual::harness::start_hosted_cluster(bin, root.path(), agents, a.per_process, &node_args)?
+    } else {
+        mutual::harness::start_cluster_with(bin, root.path(), agents, |_| node_args.clone())?
+    };
     let msgs = |n: &mutual::harness::LocalNode| -> Option<u64> {
         let text = n.client().metrics().ok()?;
         Some(
@@ -417,9 +431,14 @@ fn run(
     let victims: Vec<usize> = order.into_iter().take(killed).collect();
     let victim_ids: Vec<String> = victims.iter().filter_map(|i| nodes[*i].id()).collect();
     let t_kill = now_ms();
-    for i in &victims {
-        nodes[*i].kill();
-    }
+    // All at once: a hosted node's crash is an HTTP call.
+    std::thread::scope(|s| {
+        for (i, n) in nodes.iter_mut().enumerate() {
+            if victims.contains(&i) {
+                s.spawn(move || n.kill());
+            }
+        }
+    });
     let deadline = Instant::now() + Duration::from_secs(600);
     let done = loop {
         let all = by_id(&observer)?;
@@ -469,7 +488,11 @@ fn run(
         if let (Some(now), Some(then)) = (msgs(n), at_start) {
             msgs_per_node_s.push(now.saturating_sub(*then) as f64 / secs);
         }
-        if let Some(rss) = n.child.as_ref().and_then(|c| process_peak_rss_mib(c.id())) {
+        // A hosted node's share of its process's peak.
+        if let Some(rss) = n
+            .process()
+            .and_then(|(pid, shared)| Some(process_peak_rss_mib(pid)? / shared as f64))
+        {
             peak_rss_mib.push(rss);
         }
     }
@@ -478,6 +501,7 @@ fn run(
     drop(nodes.drain(..));
     Ok(Run {
         agents,
+        per_process: a.per_process,
         slots,
         node_args: a.node_arg.clone(),
         kill_pct,
