@@ -70,7 +70,7 @@ enum Cmd {
     /// Each is a whole node — its own iroh endpoint and keys, data directory, HTTP API and
     /// job processes — on its own thread and runtime. Node i lives in `<data-dir>/node<i>`
     /// and listens on the --http and --listen ports plus i (port 0: a free one each). Without
-    /// --join, node 0 founds a cluster and the others join it. Prints `node <i> ticket: …`
+    /// --join, node 0 founds a cluster and each other node joins through the one before it. Prints `node <i> ticket: …`
     /// and `node <i> http: …` per node, then `hosting <n> nodes`. With --fault-injection,
     /// `POST /v1/debug/crash` to one node kills that node as abruptly as SIGKILL kills a
     /// `mutual node` (no goodbye, no flush, its job processes killed), and leaves the others.

@@ -386,15 +386,16 @@ pub fn run_host(h: HostArgs) -> anyhow::Result<ExitCode> {
     raise_open_files_limit();
     std::fs::create_dir_all(&a.data_dir)
         .with_context(|| format!("creating {}", a.data_dir.display()))?;
-    let mut founder: Option<Ticket> = None;
+    let mut previous: Option<Ticket> = None;
     for i in 0..h.nodes {
         let place = Place {
             data_dir: a.data_dir.join(format!("node{i}")),
             http: nth_port(a.http, i, "--http")?,
             listen: nth_port(a.listen, i, "--listen")?,
-            // Without --join the first node founds the cluster and the others join it.
+            // Without --join the first node founds the cluster and each other joins through
+            // the one started before it, so no one member answers every hello.
             join: if join.is_empty() {
-                founder.iter().cloned().collect()
+                previous.iter().cloned().collect()
             } else {
                 join.clone()
             },
@@ -409,9 +410,7 @@ pub fn run_host(h: HostArgs) -> anyhow::Result<ExitCode> {
             .recv()
             .map_err(|_| anyhow::anyhow!("node {i} stopped while starting"))?
             .with_context(|| format!("node {i}"))?;
-        if founder.is_none() {
-            founder = Some(node.ticket.parse().map_err(|e| anyhow::anyhow!("{e}"))?);
-        }
+        previous = Some(node.ticket.parse().map_err(|e| anyhow::anyhow!("{e}"))?);
         println!("node {i} ticket: {}", node.ticket);
         println!("node {i} http: {}", node.http_url);
     }
