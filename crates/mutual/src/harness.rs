@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::client::Client;
@@ -17,7 +17,7 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A `mutual host` process and the nodes it runs; stopped (SIGKILL) when dropped.
 pub struct HostProcess {
-    child: Mutex<Option<Child>>,
+    child: Option<Child>,
     /// Its process id.
     pub pid: u32,
     /// How many nodes it runs.
@@ -28,8 +28,7 @@ pub struct HostProcess {
 
 impl Drop for HostProcess {
     fn drop(&mut self) {
-        let mut guard = self.child.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(mut c) = guard.take() {
+        if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -191,7 +190,9 @@ impl LocalNode {
             let _ = c.wait();
         } else if self.host.is_some() && !self.crashed {
             self.crashed = true;
-            let _ = self.client().crash();
+            if let Err(e) = self.client().crash() {
+                eprintln!("crashing the hosted node at {}: {e}", self.http);
+            }
         }
     }
 
@@ -400,7 +401,7 @@ fn start_host(
     }
     let host = Arc::new(HostProcess {
         pid: child.id(),
-        child: Mutex::new(Some(child)),
+        child: Some(child),
         nodes: count,
         log: log.clone(),
     });
