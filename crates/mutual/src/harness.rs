@@ -85,68 +85,17 @@ impl LocalNode {
         join: Option<&str>,
         extra: &[&str],
     ) -> Result<LocalNode, HarnessError> {
-        let _ = std::fs::create_dir_all(dir);
-        let log = dir.with_extension("log");
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|source| HarnessError::Spawn {
-                bin: bin.to_owned(),
-                source,
+        let addresses = (None::<String>, None::<String>);
+        let (mut child, log, rx) =
+            spawn(bin, &["node"], dir, join, extra, addresses, |a, line| {
+                if let Some(t) = line.strip_prefix("ticket: ") {
+                    a.0 = Some(t.to_string());
+                }
+                if let Some(h) = line.strip_prefix("http: ") {
+                    a.1 = Some(h.to_string());
+                }
+                a.0.is_none() || a.1.is_none()
             })?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("node")
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-            .args(extra)
-            .env_remove("MUTUAL_JOIN")
-            .env_remove("MUTUAL_API_TOKEN")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file);
-        if let Some(t) = join {
-            cmd.args(["--join", t]);
-        }
-        let mut child = cmd.spawn().map_err(|source| HarnessError::Spawn {
-            bin: bin.to_owned(),
-            source,
-        })?;
-        let no_start = |why: String| HarnessError::NoStart {
-            dir: dir.display().to_string(),
-            why,
-            log: log.display().to_string(),
-        };
-        let Some(stdout) = child.stdout.take() else {
-            return Err(no_start("no stdout".into()));
-        };
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let mut ticket = None;
-            let mut http = None;
-            while ticket.is_none() || http.is_none() {
-                line.clear();
-                match r.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-                if let Some(t) = line.trim().strip_prefix("ticket: ") {
-                    ticket = Some(t.to_string());
-                }
-                if let Some(h) = line.trim().strip_prefix("http: ") {
-                    http = Some(h.to_string());
-                }
-            }
-            let _ = tx.send((ticket, http));
-            // Keep draining so the node never blocks on a full pipe.
-            let mut sink = String::new();
-            while r.read_line(&mut sink).is_ok_and(|n| n > 0) {
-                sink.clear();
-            }
-        });
         match rx.recv_timeout(START_TIMEOUT) {
             Ok((Some(ticket), Some(http))) => Ok(LocalNode {
                 child: Some(child),
@@ -159,12 +108,16 @@ impl LocalNode {
             }),
             Ok(_) => {
                 let status = child.wait().ok().map(|s| s.to_string()).unwrap_or_default();
-                Err(no_start(format!("it exited ({status})")))
+                Err(no_start(dir, &log, format!("it exited ({status})")))
             }
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                Err(no_start("it printed no addresses in time".into()))
+                Err(no_start(
+                    dir,
+                    &log,
+                    "it printed no addresses in time".into(),
+                ))
             }
         }
     }
@@ -310,94 +263,51 @@ fn start_host(
     join: Option<&str>,
     extra: &[String],
 ) -> Result<Vec<LocalNode>, HarnessError> {
-    let _ = std::fs::create_dir_all(dir);
-    let log = dir.with_extension("log");
-    let spawn_err = |source| HarnessError::Spawn {
-        bin: bin.to_owned(),
-        source,
-    };
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(spawn_err)?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("host")
-        .arg("--nodes")
-        .arg(count.to_string())
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-        .args(extra)
-        .env_remove("MUTUAL_JOIN")
-        .env_remove("MUTUAL_API_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log_file);
+    let mut extra = extra.to_vec();
     if !extra.iter().any(|a| a == "--fault-injection") {
-        cmd.arg("--fault-injection");
+        extra.push("--fault-injection".into());
     }
-    if let Some(t) = join {
-        cmd.args(["--join", t]);
-    }
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    let no_start = |why: String| HarnessError::NoStart {
-        dir: dir.display().to_string(),
-        why,
-        log: log.display().to_string(),
-    };
-    let Some(stdout) = child.stdout.take() else {
-        return Err(no_start("no stdout".into()));
-    };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut line = String::new();
-        let mut found: Vec<(Option<String>, Option<String>)> = vec![(None, None); count];
-        loop {
-            line.clear();
-            match r.read_line(&mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-            if line.starts_with("hosting ") {
-                break;
-            }
-            let Some((i, rest)) = line
-                .trim()
-                .strip_prefix("node ")
-                .and_then(|l| l.split_once(' '))
-            else {
-                continue;
-            };
-            let Some(slot) = i.parse::<usize>().ok().and_then(|i| found.get_mut(i)) else {
-                continue;
-            };
+    let count_arg = count.to_string();
+    let args = ["host", "--nodes", count_arg.as_str()];
+    let found: Vec<(Option<String>, Option<String>)> = vec![(None, None); count];
+    let (mut child, log, rx) = spawn(bin, &args, dir, join, &extra, found, |found, line| {
+        if line.starts_with("hosting ") {
+            return false;
+        }
+        // `node <i> ticket: …` and `node <i> http: …`.
+        let Some((i, rest)) = line.strip_prefix("node ").and_then(|l| l.split_once(' ')) else {
+            return true;
+        };
+        if let Some(slot) = i.parse::<usize>().ok().and_then(|i| found.get_mut(i)) {
             if let Some(t) = rest.strip_prefix("ticket: ") {
                 slot.0 = Some(t.to_string());
             } else if let Some(h) = rest.strip_prefix("http: ") {
                 slot.1 = Some(h.to_string());
             }
         }
-        let _ = tx.send(found);
-        let mut sink = String::new();
-        while r.read_line(&mut sink).is_ok_and(|n| n > 0) {
-            sink.clear();
-        }
-    });
+        true
+    })?;
     let timeout = START_TIMEOUT + Duration::from_secs(count as u64);
     let found = match rx.recv_timeout(timeout) {
         Ok(found) => found,
         Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(no_start("it printed no addresses in time".into()));
+            return Err(no_start(
+                dir,
+                &log,
+                "it printed no addresses in time".into(),
+            ));
         }
     };
     if found.iter().any(|(t, h)| t.is_none() || h.is_none()) {
         let _ = child.kill();
         let status = child.wait().ok().map(|s| s.to_string()).unwrap_or_default();
-        return Err(no_start(format!("it did not start every node ({status})")));
+        return Err(no_start(
+            dir,
+            &log,
+            format!("it did not start every node ({status})"),
+        ));
     }
     let host = Arc::new(HostProcess {
         pid: child.id(),
@@ -420,4 +330,73 @@ fn start_host(
             })
         })
         .collect())
+}
+
+fn no_start(dir: &Path, log: &Path, why: String) -> HarnessError {
+    HarnessError::NoStart {
+        dir: dir.display().to_string(),
+        why,
+        log: log.display().to_string(),
+    }
+}
+
+/// Starts `bin <args> --data-dir dir` on loopback with OS-chosen ports, `extra` flags and
+/// `--join` if given, its stderr appended to `<dir>.log`. A thread hands each stdout line
+/// (trimmed) to `read` with `state` until `read` returns false or the output ends, sends
+/// `state` on the returned channel, and keeps draining so the process never blocks on a
+/// full pipe.
+fn spawn<T: Send + 'static>(
+    bin: &Path,
+    args: &[&str],
+    dir: &Path,
+    join: Option<&str>,
+    extra: &[impl AsRef<std::ffi::OsStr>],
+    mut state: T,
+    mut read: impl FnMut(&mut T, &str) -> bool + Send + 'static,
+) -> Result<(Child, PathBuf, mpsc::Receiver<T>), HarnessError> {
+    let _ = std::fs::create_dir_all(dir);
+    let log = dir.with_extension("log");
+    let spawn_err = |source| HarnessError::Spawn {
+        bin: bin.to_owned(),
+        source,
+    };
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(spawn_err)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(extra)
+        .env_remove("MUTUAL_JOIN")
+        .env_remove("MUTUAL_API_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    if let Some(t) = join {
+        cmd.args(["--join", t]);
+    }
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let Some(stdout) = child.stdout.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(no_start(dir, &log, "no stdout".into()));
+    };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) && read(&mut state, line.trim()) {
+            line.clear();
+        }
+        let _ = tx.send(state);
+        line.clear();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            line.clear();
+        }
+    });
+    Ok((child, log, rx))
 }
