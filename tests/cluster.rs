@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mutual::client::{Client, ClientError};
+use mutual::client::{Client, ClientError, metric};
 use mutual::harness::{LocalNode, start_cluster};
 use mutual::types::JobStatus;
 use mutual_core::{JobRequest, Resources};
@@ -148,7 +148,10 @@ fn submit_sleeper(c: &Client, pid_file: &Path) -> (String, i32) {
 
 #[test]
 fn five_nodes_lose_two_and_no_job_is_lost_or_accepted_twice() {
-    let (_g, _dir, bin, mut nodes) = cluster(5, &["--slots", "4"]);
+    // Eight live documents for 120 jobs: every node saves documents and loads them back
+    // all through the run, the kills, the takeovers and the restart.
+    let flags = ["--slots", "4", "--live-docs", "8"];
+    let (_g, _dir, bin, mut nodes) = cluster(5, &flags);
     let a = nodes[0].client();
     let b = nodes[1].client();
     let mut ids = Vec::new();
@@ -181,10 +184,13 @@ fn five_nodes_lose_two_and_no_job_is_lost_or_accepted_twice() {
     for &i in &survivors {
         let c = nodes[i].client();
         agree(&c, &ids, &done, "a survivor");
+        let metrics = c.metrics().expect("metrics");
+        assert!(metric(&metrics, "mutual_doc_evictions") > 0, "{metrics}");
+        assert!(metric(&metrics, "mutual_doc_loads") > 0, "{metrics}");
+        assert!(metric(&metrics, "mutual_docs_live") <= 8, "{metrics}");
     }
     // Restart A from its data directory (no --join: it remembers its peers); it converges.
-    let restarted =
-        LocalNode::start(&bin, &nodes[0].dir.clone(), None, &["--slots", "4"]).expect("restart A");
+    let restarted = LocalNode::start(&bin, &nodes[0].dir.clone(), None, &flags).expect("restart A");
     let c = restarted.client();
     agree(&c, &ids, &done, "the restarted node");
     let alive = c.nodes().expect("nodes").iter().filter(|n| n.alive).count();

@@ -90,12 +90,7 @@ fn judged_dead_total(nodes: &[LocalNode]) -> u64 {
         .iter()
         .filter(|n| n.is_running())
         .filter_map(|n| n.client().metrics().ok())
-        .flat_map(|m| {
-            m.lines()
-                .filter(|l| l.starts_with("mutual_members_judged_dead_total"))
-                .filter_map(|l| l.split_whitespace().last()?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
+        .map(|m| mutual::client::metric(&m, "mutual_members_judged_dead"))
         .sum()
 }
 

@@ -22,6 +22,7 @@ pub mod blob;
 pub mod derive;
 pub mod discovery;
 pub mod doc;
+pub mod doc_cache;
 pub mod engine;
 pub mod hlc;
 pub mod ids;

@@ -30,6 +30,7 @@ use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::rc::Rc;
 
 use mutual_core::derive::derive_state;
+use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
 use mutual_core::invariants::{self, Invariant, Violation};
 use mutual_core::membership::Detector;
@@ -49,6 +50,9 @@ const MAX_VIOLATIONS_KEPT: usize = 20;
 const PASSIVE_FALLBACK_ROUNDS: u32 = 3;
 /// Nodes believed dead near a node on the ring are re-probed about once per this many ticks.
 const REPROBE_EVERY_TICKS: u32 = 5;
+/// Live job documents per simulated node in `--automerge` mode: far below the product's
+/// budget, so that documents are saved and loaded back all through a run.
+const SIM_LIVE_DOCS: usize = 8;
 
 /// Everything that shapes a run. Every field is a flag of `mutual-sim`.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
@@ -397,8 +401,9 @@ struct SimNode {
     execs: HashMap<JobId, RunningExec>,
     killed: bool,
     group: u8,
-    /// `--automerge`: the node's job documents (durable: they survive a crash).
-    docs: std::collections::BTreeMap<JobId, mutual_core::doc::JobDoc>,
+    /// `--automerge`: the node's job documents (durable: they survive a crash), with a
+    /// small live budget so that eviction and loading back run all the time.
+    docs: DocCache,
 }
 
 struct JobInfo {
@@ -527,7 +532,7 @@ impl Sim {
                 execs: HashMap::new(),
                 killed: false,
                 group: 0,
-                docs: std::collections::BTreeMap::new(),
+                docs: DocCache::new(id, SIM_LIVE_DOCS),
             })
             .collect();
         let jobs = (0..cfg.jobs)
@@ -976,19 +981,14 @@ impl Sim {
         let me = self.nodes[i as usize].id;
         let docs = &mut self.nodes[i as usize].docs;
         let result = match &record {
-            Record::Spec(spec) => mutual_core::doc::JobDoc::create(spec, me).map(|d| {
-                docs.insert(job, d);
-            }),
+            Record::Spec(spec) => mutual_core::doc::JobDoc::create(spec, me)
+                .map(|d| docs.insert(job, d).last_change()),
             _ => docs
-                .entry(job)
-                .or_insert_with(|| mutual_core::doc::JobDoc::empty(me))
-                .write(&record),
+                .get_or_empty(job)
+                .and_then(|d| d.write(&record).map(|()| d.last_change())),
         };
         let bytes = match result {
-            Ok(()) => docs
-                .get_mut(&job)
-                .and_then(|d| d.last_change())
-                .unwrap_or_default(),
+            Ok(change) => change.unwrap_or_default(),
             Err(e) => {
                 let v = Violation {
                     invariant: Invariant::Convergence,
@@ -1008,11 +1008,19 @@ impl Sim {
         let records: Vec<Record> = match payload {
             Payload::Records(r) => (*r).clone(),
             Payload::Doc(bytes) => {
-                let me = self.nodes[to as usize].id;
-                let doc = self.nodes[to as usize]
-                    .docs
-                    .entry(job)
-                    .or_insert_with(|| mutual_core::doc::JobDoc::empty(me));
+                let doc = self.nodes[to as usize].docs.get_or_empty(job);
+                let doc = match doc {
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        let v = Violation {
+                            invariant: Invariant::Convergence,
+                            job: Some(job),
+                            detail: format!("saved document does not load back: {e}"),
+                        };
+                        self.violate(v, Some(to));
+                        return;
+                    }
+                };
                 if let Err(e) = doc.apply(&bytes) {
                     let v = Violation {
                         invariant: Invariant::Convergence,
@@ -1190,10 +1198,11 @@ impl Sim {
                 let mut views = std::mem::take(&mut self.nodes[node as usize].durable);
                 if self.cfg.automerge {
                     // The durable state is the documents: rebuild the replica from them.
-                    views = self.nodes[node as usize]
-                        .docs
-                        .values()
-                        .filter_map(|d| d.view().ok())
+                    let docs = &mut self.nodes[node as usize].docs;
+                    let ids: Vec<JobId> = docs.ids().copied().collect();
+                    views = ids
+                        .iter()
+                        .filter_map(|id| docs.get_mut(id).ok().flatten()?.view().ok())
                         .collect();
                 }
                 let det = Detector::new(
@@ -1300,7 +1309,8 @@ impl Sim {
             None => {
                 self.nodes[node as usize].killed = true;
                 self.nodes[node as usize].durable.clear();
-                self.nodes[node as usize].docs.clear();
+                let id = self.nodes[node as usize].id;
+                self.nodes[node as usize].docs = DocCache::new(id, SIM_LIVE_DOCS);
                 self.killed += 1;
             }
         }
@@ -1445,9 +1455,7 @@ impl Sim {
             .map(|(id, records)| {
                 let payload = match records {
                     Some(r) => Payload::Records(Rc::new(r)),
-                    None => Payload::Doc(Rc::new(
-                        node.docs.get_mut(&id).map(|d| d.save()).unwrap_or_default(),
-                    )),
+                    None => Payload::Doc(Rc::new(node.docs.saved(&id).unwrap_or_default())),
                 };
                 (id, payload)
             })
@@ -1681,7 +1689,7 @@ impl Sim {
                 // The documents themselves must hold exactly the replica each engine has.
                 for &i in &live {
                     let node = &self.nodes[i as usize];
-                    let doc_view = node.docs.get(&id).map(|d| d.view());
+                    let doc_view = node.docs.view(&id);
                     let engine_view = node.engine.as_ref().and_then(|e| e.view(&id));
                     let same = matches!((&doc_view, engine_view), (Some(Ok(d)), Some(e)) if d == e);
                     if !same {

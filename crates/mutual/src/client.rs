@@ -248,3 +248,14 @@ impl Client {
             .map_err(|e| ClientError::Decode(e.to_string()))
     }
 }
+
+/// The sum of every sample of metric `name` (all label sets; a counter's `_total` suffix
+/// may be left out) in the text [`Client::metrics`] returns; 0 if there is none.
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter(|rest| rest.starts_with([' ', '{']) || rest.starts_with("_total "))
+        .filter_map(|rest| rest.split_whitespace().last()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}

@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use mutual_core::doc::JobDoc;
+use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{
     CancelOutcome, Command, Engine, EngineConfig, EngineError, Event, StopReason,
 };
@@ -43,6 +44,10 @@ use crate::wire::{self, Bcast, Msg, NodeInfo};
 /// Most jobs one node holds; documents for new jobs beyond it are refused (from peers and
 /// clients alike) rather than exhaust memory.
 pub const MAX_JOBS: usize = 1_000_000;
+/// Job documents a node keeps live in memory unless told otherwise (`--live-docs`): about
+/// 20 KiB each, so 512 are about 10 MiB; the others are held saved (under 1 KiB for a
+/// finished job) and loaded back when they change. See [`DocCache`].
+pub const DEFAULT_LIVE_DOCS: usize = 512;
 /// API requests queued for the actor.
 pub const API_QUEUE: usize = 1_024;
 /// Transport events queued for the actor.
@@ -123,6 +128,8 @@ pub struct NodeConfig {
     pub checkpoint_interval_ms: u64,
     /// Copies on other nodes each new blob needs before it is acknowledged or recorded.
     pub blob_copies: usize,
+    /// Job documents kept live in memory (see [`DEFAULT_LIVE_DOCS`]).
+    pub live_docs: usize,
     /// Accept `POST /v1/debug/partition` and `POST /v1/debug/crash` (experiments and
     /// tests only).
     pub fault_injection: bool,
@@ -455,14 +462,23 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         );
     }
     let now = now_ms();
-    let mut docs: HashMap<JobId, JobDoc> = HashMap::new();
+    // One job at a time (frames keep their order within a job), so that each document
+    // is built live once and then left to the cache's budget.
+    let mut by_job: BTreeMap<JobId, Vec<&[u8]>> = BTreeMap::new();
     for f in &loaded.frames {
-        let doc = docs.entry(f.job).or_insert_with(|| JobDoc::empty(id));
-        if let Err(e) = doc.apply(&f.bytes) {
-            tracing::warn!(job = %f.job, "skipping a stored change that does not apply: {e}");
-        }
+        by_job.entry(f.job).or_default().push(&f.bytes);
     }
-    let views: Vec<_> = docs.values().filter_map(|d| d.view().ok()).collect();
+    let mut docs = DocCache::new(id, cfg.live_docs);
+    let mut views = Vec::with_capacity(by_job.len());
+    for (job, frames) in by_job {
+        let doc = docs.insert(job, JobDoc::empty(id));
+        for bytes in frames {
+            if let Err(e) = doc.apply(bytes) {
+                tracing::warn!(%job, "skipping a stored change that does not apply: {e}");
+            }
+        }
+        views.extend(doc.view().ok());
+    }
     let restarted = !views.is_empty();
     let (engine, boot_cmds) = if restarted {
         Engine::restart(id, cfg.engine.clone(), views, now)
@@ -665,7 +681,7 @@ struct Node {
     id: NodeId,
     cfg: NodeConfig,
     engine: Engine,
-    docs: HashMap<JobId, JobDoc>,
+    docs: DocCache,
     store: Store,
     wal_bytes: u64,
     members: BTreeMap<NodeId, Member>,
@@ -764,20 +780,21 @@ impl Node {
             match c {
                 Command::Write { job, record } => {
                     let written = match &record {
-                        Record::Spec(spec) => JobDoc::create(spec, self.id).map(|d| {
-                            self.docs.insert(job, d);
-                        }),
+                        Record::Spec(spec) => JobDoc::create(spec, self.id)
+                            .map(|d| self.docs.insert(job, d).last_change()),
                         _ => self
                             .docs
-                            .entry(job)
-                            .or_insert_with(|| JobDoc::empty(self.id))
-                            .write(&record),
+                            .get_or_empty(job)
+                            .and_then(|d| d.write(&record).map(|()| d.last_change())),
                     };
-                    if let Err(e) = written {
-                        tracing::error!(%job, "cannot write a record to its document: {e}");
-                        continue;
-                    }
-                    if let Some(bytes) = self.docs.get_mut(&job).and_then(|d| d.last_change()) {
+                    let change = match written {
+                        Ok(change) => change,
+                        Err(e) => {
+                            tracing::error!(%job, "cannot write a record to its document: {e}");
+                            continue;
+                        }
+                    };
+                    if let Some(bytes) = change {
                         frames.push(Frame {
                             kind: Kind::Change,
                             job,
@@ -821,11 +838,12 @@ impl Node {
     fn compact(&mut self) {
         let docs = self
             .docs
-            .iter_mut()
-            .map(|(job, d)| Frame {
+            .saved_all()
+            .into_iter()
+            .map(|(job, bytes)| Frame {
                 kind: Kind::Doc,
-                job: *job,
-                bytes: d.save(),
+                job,
+                bytes,
             })
             .collect();
         self.store.compact(docs);
@@ -1615,8 +1633,7 @@ impl Node {
                 let mut batch = Vec::new();
                 let mut bytes = 0usize;
                 for id in differ {
-                    if let Some(d) = self.docs.get_mut(&id) {
-                        let saved = d.save();
+                    if let Some(saved) = self.docs.saved(&id) {
                         bytes += saved.len();
                         batch.push((id, saved));
                     }
@@ -1678,12 +1695,17 @@ impl Node {
     /// Applies changes (or a saved document) from a peer, persists them, and hands the
     /// engine the records it did not have.
     fn receive(&mut self, job: JobId, chunks: Vec<Vec<u8>>, kind: Kind, now: u64) {
-        if !self.docs.contains_key(&job) && self.docs.len() >= MAX_JOBS {
+        if !self.docs.contains(&job) && self.docs.len() >= MAX_JOBS {
             tracing::warn!(%job, "refusing a new job from a peer: this node holds {MAX_JOBS} jobs");
             return;
         }
-        let me = self.id;
-        let doc = self.docs.entry(job).or_insert_with(|| JobDoc::empty(me));
+        let doc = match self.docs.get_or_empty(job) {
+            Ok(doc) => doc,
+            Err(e) => {
+                tracing::error!(%job, "cannot load this job's saved document: {e}");
+                return;
+            }
+        };
         let mut frames = Vec::new();
         for bytes in chunks {
             match doc.apply(&bytes) {
@@ -2001,6 +2023,26 @@ impl Node {
             "clock_rejections",
             "Remote records refused beyond the drift bound",
             st.clock_rejections,
+        );
+        let cache = self.docs.stats();
+        counter(
+            &mut reg,
+            "doc_loads",
+            "Saved job documents loaded back into memory because they changed",
+            cache.loads,
+        );
+        counter(
+            &mut reg,
+            "doc_evictions",
+            "Live job documents saved and dropped from memory (beyond the live budget)",
+            cache.evictions,
+        );
+        let live: Gauge = Gauge::default();
+        live.set(i64::try_from(self.docs.hot_len()).unwrap_or(i64::MAX));
+        reg.register(
+            "docs_live",
+            "Job documents held live in memory (the rest are held saved)",
+            live,
         );
         let n = &self.stats;
         counter(

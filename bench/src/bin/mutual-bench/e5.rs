@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use mutual::client::metric;
 use mutual::harness::{LocalNode, start_cluster_with};
 use mutual::types::JobStatus;
 use mutual_bench::plot::{Chart, Series, csv, line_chart};
@@ -25,8 +26,7 @@ use mutual_bench::{command_line, machine, mutual_bin, results_dir, today};
 use serde_json::json;
 
 use super::{
-    by_id, counter, duplicate_executions, duplicate_results, is_terminal, marker_job, shuffle,
-    write,
+    by_id, duplicate_executions, duplicate_results, is_terminal, marker_job, shuffle, write,
 };
 
 #[derive(clap::Args)]
@@ -273,7 +273,7 @@ fn run_one(
     let dup_exec = duplicate_executions(&markers, &all_ids, &done);
     let mut clock_rejections = 0;
     for node in &nodes {
-        clock_rejections += counter(&node.client().metrics()?, "mutual_clock_rejections");
+        clock_rejections += metric(&node.client().metrics()?, "mutual_clock_rejections");
     }
     let samples = samples.lock().map(|g| g.clone()).unwrap_or_default();
     let rows: Vec<Vec<String>> = samples

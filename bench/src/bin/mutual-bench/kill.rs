@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use mutual::client::metric;
 use mutual_bench::plot::{Chart, Series, csv, line_chart};
 use mutual_bench::{command_line, machine, mutual_bin, process_peak_rss_mib, results_dir, today};
 use serde_json::{Value, json};
@@ -395,8 +396,8 @@ fn run(
     let msgs = |n: &mutual::harness::LocalNode| -> Option<u64> {
         let text = n.client().metrics().ok()?;
         Some(
-            super::counter(&text, "mutual_sync_messages_sent")
-                + super::counter(&text, "mutual_sync_messages_received"),
+            metric(&text, "mutual_sync_messages_sent")
+                + metric(&text, "mutual_sync_messages_received"),
         )
     };
     let msgs_at_start: Vec<Option<u64>> = nodes.iter().map(msgs).collect();

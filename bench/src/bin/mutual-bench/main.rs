@@ -177,15 +177,6 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
 }
 
 /// Counter `name` summed over Prometheus text (every label set).
-fn counter(metrics: &str, name: &str) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
-
 fn by_id(c: &Client) -> anyhow::Result<BTreeMap<String, JobStatus>> {
     Ok(c.jobs(None)?
         .into_iter()
