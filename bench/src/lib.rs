@@ -81,6 +81,11 @@ pub fn process_peak_rss_mib(pid: u32) -> Option<f64> {
     proc_kib(&format!("/proc/{pid}/status"), "VmHWM:").map(|k| k / 1024.0)
 }
 
+/// Another process's current resident memory (VmRSS), in MiB, if it is still running.
+pub fn process_rss_mib(pid: u32) -> Option<f64> {
+    proc_kib(&format!("/proc/{pid}/status"), "VmRSS:").map(|k| k / 1024.0)
+}
+
 /// The command line that ran this program, for the results file.
 pub fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();

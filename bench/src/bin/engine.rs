@@ -317,6 +317,30 @@ fn holder_events_per_s() -> Result<f64> {
     }
     Ok(events as f64 / t.elapsed().as_secs_f64())
 }
+/// What `DocCache` pays per eviction and per load back: saving a finished job's live
+/// document and loading it again, over many documents.
+fn doc_save_load_us() -> Result<(f64, f64)> {
+    const DOCS: usize = 2_000;
+    let (spec, recs) = finished_job(1);
+    let a = NodeId::from_index(1);
+    let mut docs = Vec::with_capacity(DOCS);
+    for _ in 0..DOCS {
+        let mut doc = JobDoc::create(&spec, a)?;
+        for r in &recs[1..] {
+            doc.write(r)?;
+        }
+        docs.push(doc);
+    }
+    let t = Instant::now();
+    let saved: Vec<Vec<u8>> = docs.iter_mut().map(JobDoc::save).collect();
+    let save_us = t.elapsed().as_secs_f64() * 1e6 / DOCS as f64;
+    let t = Instant::now();
+    for bytes in &saved {
+        black_box(JobDoc::load(bytes, a)?);
+    }
+    let load_us = t.elapsed().as_secs_f64() * 1e6 / DOCS as f64;
+    Ok((save_us, load_us))
+}
 
 fn main() -> Result<()> {
     let observer = observer_events_per_s()?;
@@ -326,6 +350,7 @@ fn main() -> Result<()> {
     let doc1 = doc_bytes(1)?;
     let doc10 = doc_bytes(10)?;
     let (write_us, apply_us) = doc_write_apply_us()?;
+    let (save_us, load_us) = doc_save_load_us()?;
     let out = json!({
         "command": command_line(),
         "date": today(),
@@ -338,7 +363,9 @@ fn main() -> Result<()> {
         "finished_job_doc_bytes_10_epochs": doc10,
         "automerge_write_us_per_record": (write_us * 10.0).round() / 10.0,
         "automerge_apply_us_per_record": (apply_us * 10.0).round() / 10.0,
-        "notes": "One core, release build. Observer: a node that only replicates (spec, two concurrent claims, start, result per job). Holder: a node that submits, claims, settles, starts and finishes each job itself. Documents hold a 64-hex outputs and logs id and full metrics. Automerge costs are per record over 500 documents of a 10-epoch job: write = one change committed by the holder (the spec's creation included); apply = the same changes applied one by one on another replica.",
+        "finished_job_doc_save_us": (save_us * 10.0).round() / 10.0,
+        "finished_job_doc_load_us": (load_us * 10.0).round() / 10.0,
+        "notes": "One core, release build. Observer: a node that only replicates (spec, two concurrent claims, start, result per job). Holder: a node that submits, claims, settles, starts and finishes each job itself. Documents hold a 64-hex outputs and logs id and full metrics. Automerge costs are per record over 500 documents of a 10-epoch job: write = one change committed by the holder (the spec's creation included); apply = the same changes applied one by one on another replica. Save and load: a finished one-epoch job's live document saved whole and loaded back, over 2,000 documents (what a node pays to evict a document beyond --live-docs and to load it again).",
     });
     let text = serde_json::to_string_pretty(&out)?;
     println!("{text}");

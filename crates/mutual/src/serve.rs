@@ -105,7 +105,7 @@ pub struct NodeArgs {
     #[arg(long, default_value_t = 1)]
     blob_copies: usize,
     /// Job documents kept live in memory (about 20 KiB each). The others are kept in
-    /// their saved form (under 1 KiB for a finished job) and loaded back, in about 25 µs,
+    /// their saved form (under 1 KiB for a finished job) and loaded back, in about 26 µs,
     /// when they change. Raise it to save CPU where thousands of jobs are active at once; lower
     /// it to save memory.
     #[arg(long, default_value_t = mutual::node::DEFAULT_LIVE_DOCS,

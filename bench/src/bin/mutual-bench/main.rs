@@ -176,7 +176,6 @@ fn shuffle<T>(items: &mut [T], seed: u64) {
     }
 }
 
-/// Counter `name` summed over Prometheus text (every label set).
 fn by_id(c: &Client) -> anyhow::Result<BTreeMap<String, JobStatus>> {
     Ok(c.jobs(None)?
         .into_iter()
