@@ -1061,6 +1061,54 @@ echo "$n" > "$MUTUAL_OUTPUT_DIR/final"; echo "done $n""#;
 }
 
 #[test]
+fn a_lost_checkpoint_costs_progress_not_the_job() {
+    let (_g, dir, bin, mut nodes) = cluster(2, &[]);
+    let a = nodes[0].client();
+    // A job that never writes to its checkpoint directory records no checkpoint.
+    let mut idle = sh("sleep 1");
+    idle.checkpoint_interval_ms = Some(100);
+    let idle = a.submit(&idle).expect("submit").id;
+    // The first attempt checkpoints once and holds; a later one reports what it found.
+    let script = r#"c="$MUTUAL_CHECKPOINT_DIR/n"
+if [ "$MUTUAL_ATTEMPT" = 1 ]; then echo 5 > "$c.tmp"; mv "$c.tmp" "$c"; exec sleep 60; fi
+echo "start $(cat "$c" 2>/dev/null || echo 0)""#;
+    let mut req = sh(script);
+    req.checkpoint_interval_ms = Some(100);
+    let id = a.submit(&req).expect("submit").id;
+    eventually(30, "a checkpoint recorded", || {
+        let s = a.job(&id).ok()?;
+        (s.attempts.first()?.checkpoints >= 1).then_some(())
+    });
+    let s = eventually(30, "the idle job ends", || {
+        a.job(&idle).ok().filter(is_terminal)
+    });
+    assert_eq!(s.state, "succeeded", "{s:?}");
+    assert_eq!(
+        s.attempts[0].checkpoints, 0,
+        "an empty directory is no checkpoint"
+    );
+    // Its only copies are on the two first nodes. A third joins, then both die.
+    let late = LocalNode::start(&bin, &dir.path().join("node2"), Some(&nodes[0].ticket), &[])
+        .expect("third node");
+    let c = late.client();
+    eventually(30, "the third node knows the checkpoint", || {
+        let s = c.job(&id).ok()?;
+        (s.attempts.first()?.checkpoints >= 1).then_some(())
+    });
+    nodes[0].kill();
+    nodes[1].kill();
+    let done = eventually(60, "the job ends", || c.job(&id).ok().filter(is_terminal));
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.attempt, 2, "{done:?}");
+    let logs = cli(&bin, &["logs", &id, "--node", &late.http]);
+    assert_eq!(
+        logs.trim(),
+        "start 0",
+        "started over from an empty directory"
+    );
+}
+
+#[test]
 fn logs_follow_across_the_death_of_the_agent() {
     use std::io::{BufRead, BufReader};
     let (_g, _dir, bin, mut nodes) = cluster(3, &[]);

@@ -14,6 +14,10 @@ use crate::client::Client;
 
 /// How long a node may take to print its addresses.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much longer than [`START_TIMEOUT`] a cluster gets, per node, until every node sees
+/// every other alive: on two cores each join costs every member some work, so 200 nodes
+/// take minutes to agree.
+pub const ALIVE_TIMEOUT_PER_NODE: Duration = Duration::from_secs(1);
 
 /// A `mutual host` process and the nodes it runs; stopped (SIGKILL) when dropped.
 pub struct HostProcess {
@@ -202,14 +206,15 @@ pub fn start_cluster_with(
             &own,
         )?);
     }
-    wait_all_alive(&nodes, START_TIMEOUT)?;
+    wait_all_alive(&nodes)?;
     Ok(nodes)
 }
 
-/// Waits until every node sees all of `nodes` alive.
-fn wait_all_alive(nodes: &[LocalNode], timeout: Duration) -> Result<(), HarnessError> {
+/// Waits until every node sees all of `nodes` alive, for at most [`START_TIMEOUT`] plus
+/// [`ALIVE_TIMEOUT_PER_NODE`] per node.
+fn wait_all_alive(nodes: &[LocalNode]) -> Result<(), HarnessError> {
     let n = nodes.len();
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + START_TIMEOUT + ALIVE_TIMEOUT_PER_NODE * n as u32;
     for node in nodes {
         loop {
             let alive = node
@@ -251,7 +256,7 @@ pub fn start_hosted_cluster(
         let join = nodes.first().map(|f| f.ticket.clone());
         nodes.extend(start_host(bin, &dir, count, join.as_deref(), extra)?);
     }
-    wait_all_alive(&nodes, START_TIMEOUT + Duration::from_millis(20 * n as u64))?;
+    wait_all_alive(&nodes)?;
     Ok(nodes)
 }
 

@@ -104,6 +104,17 @@ impl ExecDirs {
     }
 }
 
+/// Why a blob could not be restored into a directory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    /// No holder could provide it (all dead, unreachable, or without it).
+    #[error("{0}")]
+    Unavailable(String),
+    /// It arrived but is not what was recorded: tampered, a bad key or a bad archive.
+    #[error("{0}")]
+    Content(String),
+}
+
 /// The agent's data-plane handle: the store, the cluster key and the copy policy.
 #[derive(Clone, Debug)]
 pub struct JobIo {
@@ -182,10 +193,15 @@ fn pack_files<W: Write>(files: &[(String, PathBuf)], out: W) -> Result<W, seal::
 
 impl JobIo {
     /// Fetches `blob` (from its holders first), then decrypts and unpacks it into `dest`.
-    pub async fn restore(&self, blob: &BlobRef, dest: &Path) -> Result<seal::UnpackStats, String> {
-        let hash = parse_cid(&blob.cid).map_err(|e| e.to_string())?;
+    pub async fn restore(
+        &self,
+        blob: &BlobRef,
+        dest: &Path,
+    ) -> Result<seal::UnpackStats, RestoreError> {
+        let bad = RestoreError::Content;
+        let hash = parse_cid(&blob.cid).map_err(|e| bad(e.to_string()))?;
         let key = seal::unwrap_key(&self.secret.0, &blob.key)
-            .map_err(|e| format!("blob {}: cannot unwrap its key: {e}", blob.cid))?;
+            .map_err(|e| bad(format!("blob {}: cannot unwrap its key: {e}", blob.cid)))?;
         // Transfer, verification, decryption and unpacking run at once, as a pipeline.
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_QUEUE_CHUNKS);
         let dest = dest.to_path_buf();
@@ -202,13 +218,27 @@ impl JobIo {
             });
         let streamed = self.blobs.stream(hash, &blob.holders, &tx).await;
         drop(tx);
-        let unpacked = unpacking.await.map_err(|e| format!("unpacking: {e}"))?;
+        let unpacked = unpacking
+            .await
+            .map_err(|e| bad(format!("unpacking: {e}")))?;
         match streamed {
             // The transfer failed: the unpacking only saw the stream end early.
-            Err(e) if !matches!(e, BlobError::ReaderStopped) => Err(e.to_string()),
+            Err(e) if !matches!(e, BlobError::ReaderStopped) => {
+                Err(RestoreError::Unavailable(e.to_string()))
+            }
             // Otherwise an unpacking error (tampering, a bad archive) is the cause.
-            _ => unpacked,
+            _ => unpacked.map_err(bad),
         }
+    }
+
+    /// The digest [`JobIo::snapshot`] compares against, of `dir`'s contents now.
+    pub fn dir_digest(dir: &Path) -> Result<[u8; 32], String> {
+        let tee = Tee {
+            inner: std::io::sink(),
+            hasher: blake3::Hasher::new(),
+        };
+        let tee = seal::pack_dir_contents(dir, tee).map_err(|e| format!("packing: {e}"))?;
+        Ok(*tee.hasher.finalize().as_bytes())
     }
 
     /// Packs and seals `src` into a new blob, stores it and has it copied. `skip_if`:

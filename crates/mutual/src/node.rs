@@ -34,7 +34,7 @@ use crate::blobs::Blobs;
 use crate::container::Containers;
 use crate::exec::{self, Finished, Running};
 use crate::gpu::{self, Gpu};
-use crate::jobio::{ExecDirs, JobIo};
+use crate::jobio::{ExecDirs, JobIo, RestoreError};
 use crate::net::{self, Link, NetEvent, NetStats, Transport};
 use crate::store::{self, Frame, Kind, Store};
 use crate::ticket::{ClusterSecret, Ticket};
@@ -156,11 +156,60 @@ async fn stage(
             .map_err(|e| format!("input {i} could not be fetched: {e}"))?;
     }
     if let Some(c) = restore {
-        io.restore(c, &dirs.checkpoint)
-            .await
-            .map_err(|e| format!("the checkpoint to resume from could not be fetched: {e}"))?;
+        restore_checkpoint(io, spec.id, c, &dirs.checkpoint).await?;
     }
     Ok(())
+}
+
+/// The digest of an execution's checkpoint directory before it starts, if the directory
+/// is empty (cheap to pack on the actor): a job that never writes to it records no
+/// checkpoint. A restored directory gets `None` and is snapshotted once more, unchanged.
+fn checkpoint_baseline(dir: &std::path::Path) -> Option<[u8; 32]> {
+    let empty = std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none());
+    if empty {
+        JobIo::dir_digest(dir).ok()
+    } else {
+        None
+    }
+}
+
+/// Tries to fetch a checkpoint this often before giving up on it.
+pub const CHECKPOINT_FETCH_TRIES: u32 = 3;
+/// Pause between those tries.
+pub const CHECKPOINT_FETCH_PAUSE: Duration = Duration::from_secs(1);
+
+/// Restores the checkpoint an execution resumes from. A checkpoint no live node can
+/// provide (every holder died: the writer and the nodes it was copied to) is given up
+/// after [`CHECKPOINT_FETCH_TRIES`]: the execution starts from an empty checkpoint
+/// directory, as a first attempt does, and loses that progress rather than the job. A
+/// checkpoint that arrives but does not check out (tampered, a bad archive) fails the
+/// attempt, as a bad input does.
+async fn restore_checkpoint(
+    io: &JobIo,
+    job: JobId,
+    blob: &BlobRef,
+    dir: &std::path::Path,
+) -> Result<(), String> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match io.restore(blob, dir).await {
+            Ok(_) => return Ok(()),
+            Err(RestoreError::Content(e)) => {
+                return Err(format!("the checkpoint to resume from is invalid: {e}"));
+            }
+            Err(RestoreError::Unavailable(e)) if tries >= CHECKPOINT_FETCH_TRIES => {
+                tracing::warn!(
+                    %job,
+                    "no node can provide the checkpoint to resume from ({e}); starting from an empty checkpoint directory"
+                );
+                let _ = std::fs::remove_dir_all(dir);
+                return std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("cannot recreate the checkpoint directory: {e}"));
+            }
+            Err(RestoreError::Unavailable(_)) => tokio::time::sleep(CHECKPOINT_FETCH_PAUSE).await,
+        }
+    }
 }
 
 /// Default of [`NodeConfig::checkpoint_interval_ms`].
@@ -932,12 +981,14 @@ impl Node {
             (_, Some(_), None) => Some("this node does not run containers"),
             _ => None,
         };
+        let mut baseline = None;
         let running = if let Some(why) = refusal {
             exec::refuse(&self.cfg.data_dir, &spec, token, why, self.exec_done())
         } else if let Err(e) = dirs.create() {
             let why = format!("cannot create the job's directories: {e}");
             exec::refuse(&self.cfg.data_dir, &spec, token, &why, self.exec_done())
         } else if spec.inputs.is_empty() && restore.is_none() {
+            baseline = checkpoint_baseline(&dirs.checkpoint);
             self.launch(&spec, token, &dirs, gpus.clone().unwrap_or_default())
         } else {
             let stop = Arc::new(tokio::sync::Notify::new());
@@ -965,7 +1016,7 @@ impl Node {
             running.kill,
             exec::Kill::Process(Some(_)) | exec::Kill::Container { .. }
         )
-        .then(|| self.checkpointer(&spec, token, &dirs));
+        .then(|| self.checkpointer(&spec, token, &dirs, baseline));
         self.running.insert(
             job,
             Exec {
@@ -1016,11 +1067,14 @@ impl Node {
     }
 
     /// Snapshots the checkpoint directory every interval, when it changed.
+    /// Snapshots a running execution's checkpoint directory every interval when it
+    /// differs from the last snapshot, or from `baseline` (see [`checkpoint_baseline`]).
     fn checkpointer(
         &self,
         spec: &JobSpec,
         token: FencingToken,
         dirs: &ExecDirs,
+        baseline: Option<[u8; 32]>,
     ) -> tokio::task::AbortHandle {
         let every = Duration::from_millis(
             spec.checkpoint_interval_ms
@@ -1036,8 +1090,7 @@ impl Node {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            // Empty, as restored or as created: an unchanged directory is not snapshotted.
-            let mut last = None;
+            let mut last = baseline;
             loop {
                 tick.tick().await;
                 match io.snapshot(&dir, last).await {
@@ -1078,8 +1131,9 @@ impl Node {
                     return;
                 };
                 let (dirs, gpus) = (e.dirs.clone(), e.gpus.clone());
+                let baseline = checkpoint_baseline(&dirs.checkpoint);
                 let running = self.launch(&spec, token, &dirs, gpus);
-                let checkpointer = self.checkpointer(&spec, token, &dirs);
+                let checkpointer = self.checkpointer(&spec, token, &dirs, baseline);
                 if let Some(e) = self.running.get_mut(&job) {
                     e.running = running;
                     e.checkpointer = Some(checkpointer);
