@@ -193,6 +193,12 @@ async fn restore_checkpoint(
     let mut tries = 0;
     loop {
         tries += 1;
+        if tries > 1 {
+            // A transfer cut short may have left part of the snapshot behind.
+            let _ = std::fs::remove_dir_all(dir);
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot recreate the checkpoint directory: {e}"))?;
+        }
         match io.restore(blob, dir).await {
             Ok(_) => return Ok(()),
             Err(RestoreError::Content(e)) => {
@@ -1066,7 +1072,6 @@ impl Node {
         }
     }
 
-    /// Snapshots the checkpoint directory every interval, when it changed.
     /// Snapshots a running execution's checkpoint directory every interval when it
     /// differs from the last snapshot, or from `baseline` (see [`checkpoint_baseline`]).
     fn checkpointer(
@@ -2082,7 +2087,7 @@ impl Node {
         counter(
             &mut reg,
             "doc_loads",
-            "Saved job documents loaded back into memory because they changed",
+            "Saved job documents loaded back into memory (a change arrived or a record was written)",
             cache.loads,
         );
         counter(

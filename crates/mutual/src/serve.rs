@@ -106,10 +106,11 @@ pub struct NodeArgs {
     blob_copies: usize,
     /// Job documents kept live in memory (about 20 KiB each). The others are kept in
     /// their saved form (under 1 KiB for a finished job) and loaded back, in about 26 µs,
-    /// when they change. Raise it to save CPU where thousands of jobs are active at once; lower
-    /// it to save memory.
+    /// when they change. Raise it to save CPU where thousands of jobs are active at once;
+    /// lower it to save memory.
     #[arg(long, default_value_t = mutual::node::DEFAULT_LIVE_DOCS,
-          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(1..=mutual::node::MAX_JOBS as u64))]
     live_docs: usize,
     /// Records stamped further ahead of this node's clock than this are refused until the
     /// clock catches up, so one node with a clock far ahead cannot win every claim. Must
