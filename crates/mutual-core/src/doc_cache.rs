@@ -95,14 +95,8 @@ impl DocCache {
     /// Holds `doc` as `job`'s document (replacing any), live, and returns it.
     pub fn insert(&mut self, job: JobId, doc: JobDoc) -> &mut JobDoc {
         self.cold.remove(&job);
-        self.uses += 1;
-        self.hot.insert(
-            job,
-            Hot {
-                doc,
-                used: self.uses,
-            },
-        );
+        // `trim` never evicts `job`; `touch` stamps its use.
+        self.hot.insert(job, Hot { doc, used: 0 });
         self.trim(job);
         self.touch(job)
     }

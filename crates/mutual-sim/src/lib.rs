@@ -990,16 +990,22 @@ impl Sim {
         let bytes = match result {
             Ok(change) => change.unwrap_or_default(),
             Err(e) => {
-                let v = Violation {
-                    invariant: Invariant::Convergence,
-                    job: Some(job),
-                    detail: format!("document write failed: {e}"),
-                };
-                self.violate(v, Some(i));
+                self.doc_violation(i, job, format!("document write failed: {e}"));
                 Vec::new()
             }
         };
         Payload::Doc(Rc::new(bytes))
+    }
+
+    /// `--automerge`: node `i` could not use `job`'s document, so its replica and its
+    /// document may part ways.
+    fn doc_violation(&mut self, i: u32, job: JobId, detail: String) {
+        let v = Violation {
+            invariant: Invariant::Convergence,
+            job: Some(job),
+            detail,
+        };
+        self.violate(v, Some(i));
     }
 
     /// Applies a payload from a peer to node `to`: records go to the engine directly; automerge
@@ -1012,22 +1018,13 @@ impl Sim {
                 let doc = match doc {
                     Ok(doc) => doc,
                     Err(e) => {
-                        let v = Violation {
-                            invariant: Invariant::Convergence,
-                            job: Some(job),
-                            detail: format!("saved document does not load back: {e}"),
-                        };
-                        self.violate(v, Some(to));
+                        let detail = format!("saved document does not load back: {e}");
+                        self.doc_violation(to, job, detail);
                         return;
                     }
                 };
                 if let Err(e) = doc.apply(&bytes) {
-                    let v = Violation {
-                        invariant: Invariant::Convergence,
-                        job: Some(job),
-                        detail: format!("peer document refused: {e}"),
-                    };
-                    self.violate(v, Some(to));
+                    self.doc_violation(to, job, format!("peer document refused: {e}"));
                     return;
                 }
                 // Before the creator's first change arrives the document does not decode yet.

@@ -195,9 +195,7 @@ async fn restore_checkpoint(
         tries += 1;
         if tries > 1 {
             // A transfer cut short may have left part of the snapshot behind.
-            let _ = std::fs::remove_dir_all(dir);
-            std::fs::create_dir_all(dir)
-                .map_err(|e| format!("cannot recreate the checkpoint directory: {e}"))?;
+            empty_dir(dir)?;
         }
         match io.restore(blob, dir).await {
             Ok(_) => return Ok(()),
@@ -209,13 +207,18 @@ async fn restore_checkpoint(
                     %job,
                     "no node can provide the checkpoint to resume from ({e}); starting from an empty checkpoint directory"
                 );
-                let _ = std::fs::remove_dir_all(dir);
-                return std::fs::create_dir_all(dir)
-                    .map_err(|e| format!("cannot recreate the checkpoint directory: {e}"));
+                return empty_dir(dir);
             }
             Err(RestoreError::Unavailable(_)) => tokio::time::sleep(CHECKPOINT_FETCH_PAUSE).await,
         }
     }
+}
+
+/// Empties the checkpoint directory `dir` (whatever a failed restore left in it).
+fn empty_dir(dir: &std::path::Path) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot recreate the checkpoint directory: {e}"))
 }
 
 /// Default of [`NodeConfig::checkpoint_interval_ms`].
