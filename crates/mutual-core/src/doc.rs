@@ -26,7 +26,8 @@
 use std::sync::Arc;
 
 use automerge::{
-    AutoCommit, ObjId, ObjType, ROOT, ReadDoc, ScalarValue, Value, transaction::Transactable,
+    AutoCommit, ChangeHash, ObjId, ObjType, PatchAction, Prop, ROOT, ReadDoc, ScalarValue, Value,
+    transaction::Transactable,
 };
 
 use crate::hlc::Hlc;
@@ -291,6 +292,53 @@ impl JobDoc {
             }
         }
         Ok(view)
+    }
+
+    /// The document's heads: take them before [`JobDoc::apply`] to ask
+    /// [`JobDoc::records_since`] what it brought.
+    pub fn heads(&mut self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// The records under every record key whose values changed since `before` (heads of
+    /// this document), every value under such a key included, checked as [`JobDoc::view`]
+    /// checks them. A replica that already holds the rest uses this instead of decoding the
+    /// whole document for each change a peer sends: decoding the view (the spec's JSON
+    /// above all) for every change was 12 % of a busy node's CPU. Top-level fields (the
+    /// spec, the schema version) are written once at creation and are not looked at: decode
+    /// the whole view until the spec is known.
+    pub fn records_since(&mut self, before: &[ChangeHash]) -> Result<Vec<Record>, DocError> {
+        let after = self.doc.get_heads();
+        let mut out = Vec::new();
+        for patch in self.doc.diff(before, &after) {
+            let key = match patch.action {
+                PatchAction::PutMap { key, .. } => key,
+                PatchAction::Conflict {
+                    prop: Prop::Map(key),
+                } => key,
+                _ => continue,
+            };
+            let Some((_, Prop::Map(map))) = patch.path.last() else {
+                continue;
+            };
+            let Some(map) = MAPS.iter().find(|m| **m == map.as_str()) else {
+                continue;
+            };
+            for (value, _) in self.doc.get_all(&patch.obj, key.as_str())? {
+                let Value::Scalar(v) = value else {
+                    return Err(malformed(format!("{map}.{key}"), "not a scalar"));
+                };
+                out.push(decode_record(map, &key, v.as_ref())?);
+                if out.len() > MAX_RECORDS_PER_JOB {
+                    return Err(DocError::TooLarge {
+                        what: "records",
+                        got: out.len(),
+                        limit: MAX_RECORDS_PER_JOB,
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The job id from the spec.

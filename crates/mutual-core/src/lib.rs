@@ -18,6 +18,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod anti_entropy;
 pub mod blob;
 pub mod derive;
 pub mod discovery;

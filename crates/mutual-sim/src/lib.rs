@@ -16,7 +16,9 @@
 //!   alive ([`mutual_core::membership::Detector`], shared with `mutual node`); silence past the timeout makes it
 //!   [`Event::Suspect`] the node and tell everyone. A node told it is dead refutes it.
 //! - **Replication**: every record written is pushed to every node; periodic anti-entropy
-//!   compares per-job fingerprints with a random peer and exchanges the differing jobs.
+//!   compares per-job fingerprints with a random peer and exchanges the differing jobs,
+//!   paced as `mutual node` paces it ([`mutual_core::anti_entropy`]: jobs that just
+//!   changed wait a round for the pushes in flight).
 //!   Full replication is what the product does up to about a thousand nodes; it is also
 //!   what dominates the cost of large runs (see `bench/results/`).
 //!
@@ -29,6 +31,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::rc::Rc;
 
+use mutual_core::anti_entropy::Pacer;
 use mutual_core::derive::derive_state;
 use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
@@ -297,7 +300,11 @@ enum Msg {
     Ack,
     Down(u32),
     Up(u32),
-    AeDigest(Rc<Vec<(JobId, u64)>>),
+    AeDigest {
+        digest: Rc<Vec<(JobId, u64)>>,
+        /// The sender is restarting: recently changed jobs are sent too.
+        catching_up: bool,
+    },
     AeReply {
         jobs: Vec<(JobId, Payload)>,
         caught_up: bool,
@@ -398,6 +405,8 @@ struct SimNode {
     /// The node's failure detector (its beliefs about the others).
     det: Detector,
     passive_rounds: u32,
+    /// Which differing jobs anti-entropy sends now, as in `mutual node`.
+    ae_pacer: Pacer,
     execs: HashMap<JobId, RunningExec>,
     killed: bool,
     group: u8,
@@ -529,6 +538,7 @@ impl Sim {
                 },
                 det: Detector::new(pos, ring.clone(), cfg.fd_timeout_ms, 0),
                 passive_rounds: 0,
+                ae_pacer: Pacer::new(cfg.ae_interval_ms),
                 execs: HashMap::new(),
                 killed: false,
                 group: 0,
@@ -789,6 +799,7 @@ impl Sim {
         let node = &mut self.nodes[i as usize];
         node.engine = Some(engine);
         node.passive_rounds = 0;
+        node.ae_pacer.clear();
         let inc = node.inc;
         self.exec_cmds(i, cmds);
         self.exec_cmds(i, more);
@@ -855,6 +866,7 @@ impl Sim {
                         self.log_fenced_write(i, job, token, Some(*seq));
                     }
                     let payload = self.encode_write(i, job, record);
+                    self.nodes[i as usize].ae_pacer.changed(job, self.now);
                     self.broadcast(i, Msg::Records { job, payload });
                     touched.push(job);
                 }
@@ -1023,21 +1035,44 @@ impl Sim {
                         return;
                     }
                 };
+                let before = doc.heads();
                 if let Err(e) = doc.apply(&bytes) {
                     self.doc_violation(to, job, format!("peer document refused: {e}"));
                     return;
                 }
-                // Before the creator's first change arrives the document does not decode yet.
-                let Ok(view) = doc.view() else { return };
-                let known = self.nodes[to as usize]
-                    .engine
-                    .as_ref()
-                    .and_then(|e| e.view(&job));
-                view.records()
-                    .filter(|r| !known.is_some_and(|k| k.contains(r)))
-                    .collect()
+                let node = &mut self.nodes[to as usize];
+                let known = node.engine.as_ref().and_then(|e| e.view(&job));
+                let Ok(Some(doc)) = node.docs.get_mut(&job) else {
+                    return;
+                };
+                // As `mutual node` does: once the spec is known, decode only what changed.
+                let new = if known.is_some_and(|k| k.spec.is_some()) {
+                    doc.records_since(&before)
+                } else {
+                    // Before the creator's first change arrives the document does not decode.
+                    let Ok(view) = doc.view() else { return };
+                    Ok(view.records().collect())
+                };
+                match new {
+                    Ok(new) => new
+                        .into_iter()
+                        .filter(|r| !known.is_some_and(|k| k.contains(r)))
+                        .collect(),
+                    Err(e) => {
+                        self.doc_violation(to, job, format!("new records undecodable: {e}"));
+                        return;
+                    }
+                }
             }
         };
+        let node = &mut self.nodes[to as usize];
+        let known = node.engine.as_ref().and_then(|e| e.view(&job));
+        if records
+            .iter()
+            .any(|r| !known.is_some_and(|k| k.contains(r)))
+        {
+            node.ae_pacer.changed(job, self.now);
+        }
         if !records.is_empty() {
             self.merge(to, job, records);
         }
@@ -1413,13 +1448,23 @@ impl Sim {
                 self.feed(i, Event::CaughtUp, None);
             }
         }
+        let now = self.now;
+        self.nodes[i as usize].ae_pacer.tick(now);
         let n = self.nodes.len() as u32;
         if n > 1 {
             for _ in 0..8 {
                 let j = self.rng.random_range(0..n);
                 if j != i && self.nodes[i as usize].det.is_alive(j as usize) {
-                    let d = Rc::new(self.digest(i));
-                    self.send(i, j, Msg::AeDigest(d));
+                    let digest = Rc::new(self.digest(i));
+                    let catching_up = passive;
+                    self.send(
+                        i,
+                        j,
+                        Msg::AeDigest {
+                            digest,
+                            catching_up,
+                        },
+                    );
                     break;
                 }
             }
@@ -1432,19 +1477,28 @@ impl Sim {
         self.schedule(self.now + next.max(1), Ev::AeTick { node: i, inc });
     }
 
-    /// Jobs where `mine` has records the peer's digest lacks or differs on.
     /// Jobs where this node has records the peer's digest lacks or differs on, with what to
-    /// send for each: the records, or in `--automerge` mode the saved document.
-    fn diff(&mut self, i: u32, theirs: &[(JobId, u64)]) -> Vec<(JobId, Payload)> {
+    /// send for each: the records, or in `--automerge` mode the saved document; those the
+    /// [`Pacer`] holds back (in flight) wait for a later round.
+    fn diff(
+        &mut self,
+        i: u32,
+        theirs: &[(JobId, u64)],
+        catching_up: bool,
+    ) -> Vec<(JobId, Payload)> {
         let automerge = self.cfg.automerge;
+        let now = self.now;
         let their: HashMap<JobId, u64> = theirs.iter().copied().collect();
         let node = &mut self.nodes[i as usize];
         let Some(e) = node.engine.as_ref() else {
             return Vec::new();
         };
+        let pacer = &mut node.ae_pacer;
         let differ: Vec<(JobId, Option<Vec<Record>>)> = e
             .views()
-            .filter(|(id, v)| their.get(id) != Some(&v.fingerprint()))
+            .filter(|(id, v)| {
+                their.get(id) != Some(&v.fingerprint()) && pacer.should_send(**id, now, catching_up)
+            })
             .map(|(id, v)| (*id, (!automerge).then(|| v.records().collect())))
             .collect();
         differ
@@ -1490,8 +1544,11 @@ impl Sim {
                 }
             }
             Msg::Up(x) => self.mark(to, x, true),
-            Msg::AeDigest(theirs) => {
-                let jobs = self.diff(to, &theirs);
+            Msg::AeDigest {
+                digest: theirs,
+                catching_up,
+            } => {
+                let jobs = self.diff(to, &theirs, catching_up);
                 let mine = self.digest(to);
                 let theirs_map: HashMap<JobId, u64> = theirs.iter().copied().collect();
                 let want = mine.len() != theirs.len()
@@ -1528,7 +1585,7 @@ impl Sim {
                     self.feed(to, Event::CaughtUp, None);
                 }
                 if let Some(d) = digest {
-                    let jobs = self.diff(to, &d);
+                    let jobs = self.diff(to, &d, !caught_up);
                     if !jobs.is_empty() {
                         self.send(to, from, Msg::AePush { jobs });
                     }

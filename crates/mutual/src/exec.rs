@@ -265,9 +265,8 @@ pub fn start(
     }
 }
 
-/// How often a running job's memory and I/O counters are sampled, at most (the first
-/// samples come sooner). Peak memory is the largest sample; CPU time and bytes are read
-/// once more when the process has exited.
+/// How often a running job's peak memory is sampled, at most (the first samples come
+/// sooner). CPU time and bytes are read once, when the process has exited.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// What `/proc` says about a job's process: CPU time (its own and its waited-for
@@ -331,21 +330,26 @@ pub fn read_usage(pid: i32) -> Usage {
         // utime, stime, cutime, cstime are fields 14–17 of stat(5); `rest` starts at 3.
         u.cpu_ticks = f.get(11..15).map_or(0, |t| t.iter().sum());
     }
-    let field = |text: &str, key: &str| -> u64 {
-        text.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    if let Ok(status) = std::fs::read_to_string(proc.join("status")) {
-        u.rss_peak_kib = field(&status, "VmHWM:");
-    }
+    u.rss_peak_kib = read_rss_peak_kib(pid);
     if let Ok(io) = std::fs::read_to_string(proc.join("io")) {
-        u.read_bytes = field(&io, "rchar:");
-        u.written_bytes = field(&io, "wchar:");
+        u.read_bytes = proc_field(&io, "rchar:");
+        u.written_bytes = proc_field(&io, "wchar:");
     }
     u
+}
+
+/// The process's peak resident memory so far (`VmHWM`), in KiB; 0 once it has exited.
+pub fn read_rss_peak_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_or(0, |status| proc_field(&status, "VmHWM:"))
+}
+
+fn proc_field(text: &str, key: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Samples the process until it exits, then reads its final CPU time from the zombie
@@ -363,7 +367,9 @@ async fn measure(pid: i32) -> Usage {
         tokio::select! {
             _ = &mut exited => break,
             _ = tokio::time::sleep(pause) => {
-                usage = usage.max(read_usage(pid));
+                // CPU time and bytes only grow and are read from the zombie at the end;
+                // the peak memory is not kept after exit, so it is what gets sampled.
+                usage.rss_peak_kib = usage.rss_peak_kib.max(read_rss_peak_kib(pid));
                 pause = (pause * 2).min(SAMPLE_INTERVAL);
             }
         }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
+use mutual_core::anti_entropy::Pacer;
 use mutual_core::doc::JobDoc;
 use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{
@@ -589,6 +590,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     let mut node = Node {
         id,
         det: Detector::new(0, ring, cfg.timing.failure_timeout_ms, now),
+        ae_pacer: Pacer::new(cfg.timing.ae_interval_ms),
         cfg,
         engine,
         docs,
@@ -684,6 +686,9 @@ fn placeholder_info(endpoint: [u8; 32], addrs: Vec<SocketAddr>) -> NodeInfo {
 
 struct Member {
     info: NodeInfo,
+    /// `info.endpoint` as a key, parsed once: parsing is a curve point decompression, and
+    /// the overlay asks for every member's key on each membership change.
+    key: Option<iroh::PublicKey>,
     alive: bool,
 }
 
@@ -756,6 +761,8 @@ struct Node {
     http: Option<String>,
     info_dirty: bool,
     passive_rounds: u32,
+    /// Which differing jobs anti-entropy sends now (those in flight wait a round).
+    ae_pacer: Pacer,
     ticks: u64,
     last_tick_ms: u64,
     late_ticks: u64,
@@ -853,6 +860,7 @@ impl Node {
                         }
                     };
                     if let Some(bytes) = change {
+                        self.ae_pacer.changed(job, now_ms());
                         frames.push(Frame {
                             kind: Kind::Change,
                             job,
@@ -1286,6 +1294,9 @@ impl Node {
                 if relink || info.http != m.info.http {
                     self.members_dirty = true;
                 }
+                if info.endpoint != m.info.endpoint {
+                    m.key = iroh::PublicKey::from_bytes(&info.endpoint).ok();
+                }
                 m.info = info.clone();
                 relink
             }
@@ -1293,6 +1304,7 @@ impl Node {
                 self.members.insert(
                     id,
                     Member {
+                        key: iroh::PublicKey::from_bytes(&info.endpoint).ok(),
                         info: info.clone(),
                         alive: true,
                     },
@@ -1355,9 +1367,8 @@ impl Node {
         let peers = (1..n)
             .map(|k| self.alive_ring[(me + k) % n])
             .filter_map(|id| {
-                let info = &self.members.get(&id)?.info;
-                let key = iroh::PublicKey::from_bytes(&info.endpoint).ok()?;
-                Some((id, net::endpoint_addr(key, &info.addrs)))
+                let m = self.members.get(&id)?;
+                Some((id, net::endpoint_addr(m.key?, &m.info.addrs)))
             })
             .collect();
         self.io.blobs.set_peers(peers);
@@ -1547,7 +1558,15 @@ impl Node {
     /// Sends this node's anti-entropy digest to `to`.
     fn send_digest(&self, to: &NodeId, reply: bool) {
         let jobs = self.digest();
-        self.send(to, &Msg::Digest { jobs, reply });
+        let catching_up = self.engine.is_passive();
+        self.send(
+            to,
+            &Msg::Digest {
+                jobs,
+                reply,
+                catching_up,
+            },
+        );
     }
 
     fn digest(&self) -> Vec<(JobId, u64)> {
@@ -1560,6 +1579,7 @@ impl Node {
 
     fn ae_tick(&mut self) {
         let now = now_ms();
+        self.ae_pacer.tick(now);
         if self.engine.is_passive() {
             self.passive_rounds += 1;
             if self.passive_rounds > PASSIVE_FALLBACK_ROUNDS {
@@ -1682,7 +1702,11 @@ impl Node {
                     self.det.answered(pos, now);
                 }
             }
-            Msg::Digest { jobs, reply } => {
+            Msg::Digest {
+                jobs,
+                reply,
+                catching_up,
+            } => {
                 let theirs: HashMap<JobId, u64> =
                     jobs.into_iter().take(wire::MAX_DIGEST_JOBS).collect();
                 let caught_up = !self.engine.is_passive();
@@ -1691,6 +1715,10 @@ impl Node {
                     .views()
                     .filter(|(id, v)| theirs.get(id) != Some(&v.fingerprint()))
                     .map(|(id, _)| *id)
+                    .collect();
+                let differ: Vec<JobId> = differ
+                    .into_iter()
+                    .filter(|id| self.ae_pacer.should_send(*id, now, catching_up))
                     .collect();
                 let mut batch = Vec::new();
                 let mut bytes = 0usize;
@@ -1713,9 +1741,10 @@ impl Node {
                     },
                 );
                 if reply {
-                    let lacking = theirs
-                        .iter()
-                        .any(|(id, f)| self.engine.view(id).map(|v| v.fingerprint()) != Some(*f));
+                    let lacking = theirs.iter().any(|(id, f)| {
+                        self.engine.view(id).map(|v| v.fingerprint()) != Some(*f)
+                            && (!caught_up || !self.ae_pacer.is_recent(id, now))
+                    });
                     if lacking {
                         self.send_digest(&from, false);
                     }
@@ -1768,6 +1797,7 @@ impl Node {
                 return;
             }
         };
+        let before = doc.heads();
         let mut frames = Vec::new();
         for bytes in chunks {
             match doc.apply(&bytes) {
@@ -1775,18 +1805,37 @@ impl Node {
                 Err(e) => tracing::warn!(%job, "refusing bytes from a peer: {e}"),
             }
         }
-        // Before the creator's first change arrives the document does not decode yet.
-        let Ok(view) = doc.view() else { return };
-        if view.spec.as_ref().is_some_and(|s| s.id != job) {
-            tracing::warn!(%job, "a peer sent a document whose spec names another job");
-            self.docs.remove(&job);
-            return;
-        }
+        let changed = doc.heads() != before;
         let known = self.engine.view(&job);
-        let records: Vec<Record> = view
-            .records()
+        let records: Vec<Record> = if !changed {
+            // Nothing new (a duplicate, or changes still waiting for their dependencies).
+            Vec::new()
+        } else if known.is_some_and(|k| k.spec.is_some()) {
+            // The engine holds everything this document held before: decode what changed.
+            match doc.records_since(&before) {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::warn!(%job, "refusing records from a peer: {e}");
+                    Vec::new()
+                }
+            }
+        } else {
+            // Before the creator's first change arrives the document does not decode yet.
+            let Ok(view) = doc.view() else { return };
+            if view.spec.as_ref().is_some_and(|s| s.id != job) {
+                tracing::warn!(%job, "a peer sent a document whose spec names another job");
+                self.docs.remove(&job);
+                return;
+            }
+            view.records().collect()
+        };
+        let records: Vec<Record> = records
+            .into_iter()
             .filter(|r| !known.is_some_and(|k| k.contains(r)))
             .collect();
+        if changed {
+            self.ae_pacer.changed(job, now);
+        }
         if !frames.is_empty() {
             self.wal_bytes += self.store.append_unsynced(frames);
         }

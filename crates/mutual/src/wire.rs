@@ -91,6 +91,9 @@ pub enum Msg {
         jobs: Vec<(JobId, u64)>,
         /// Whether the receiver should answer with its own digest if it lacks anything.
         reply: bool,
+        /// The sender is restarting and waits to catch up: send every document that
+        /// differs, recently changed ones included.
+        catching_up: bool,
     },
     /// Anti-entropy: whole saved documents the receiver lacks or differs on.
     Docs {
