@@ -178,6 +178,47 @@ fn doc_write_apply_us() -> Result<(f64, f64)> {
     Ok((write_us, apply_us))
 }
 
+/// What a replica pays per change a peer pushes, to learn the records it brings: apply it,
+/// then decode the whole view (what `mutual node` did) or only the keys the change touched
+/// (`JobDoc::records_since`, what it does now), over the changes of many 10-epoch jobs.
+fn receive_decode_us() -> Result<(f64, f64)> {
+    const DOCS: usize = 300;
+    let (spec, recs) = finished_job(10);
+    let (a, b) = (NodeId::from_index(1), NodeId::from_index(2));
+    let mut changes: Vec<Vec<Vec<u8>>> = Vec::with_capacity(DOCS);
+    for _ in 0..DOCS {
+        let mut doc = JobDoc::create(&spec, a)?;
+        let mut c = vec![doc.last_change().context("create change")?];
+        for r in &recs[1..] {
+            doc.write(r)?;
+            c.push(doc.last_change().context("change")?);
+        }
+        changes.push(c);
+    }
+    let n = (DOCS * (recs.len() - 1)) as f64;
+    let mut found = [0usize; 2];
+    let mut us = [0f64; 2];
+    for (k, delta) in [false, true].into_iter().enumerate() {
+        let t = Instant::now();
+        for c in &changes {
+            let mut doc = JobDoc::empty(b);
+            doc.apply(&c[0])?;
+            for bytes in &c[1..] {
+                let before = doc.heads();
+                doc.apply(bytes)?;
+                found[k] += if delta {
+                    doc.records_since(&before)?.len()
+                } else {
+                    black_box(doc.view()?).len()
+                };
+            }
+        }
+        us[k] = t.elapsed().as_secs_f64() * 1e6 / n;
+    }
+    anyhow::ensure!(found[1] as f64 == n, "records_since missed records");
+    Ok((us[0], us[1]))
+}
+
 /// An observer node: every job is submitted, claimed twice, started and finished by others.
 fn observer_events_per_s() -> Result<f64> {
     let me = NodeId::from_index(0);
@@ -351,6 +392,7 @@ fn main() -> Result<()> {
     let doc10 = doc_bytes(10)?;
     let (write_us, apply_us) = doc_write_apply_us()?;
     let (save_us, load_us) = doc_save_load_us()?;
+    let (full_view_us, delta_us) = receive_decode_us()?;
     let out = json!({
         "command": command_line(),
         "date": today(),
@@ -365,7 +407,9 @@ fn main() -> Result<()> {
         "automerge_apply_us_per_record": (apply_us * 10.0).round() / 10.0,
         "finished_job_doc_save_us": (save_us * 10.0).round() / 10.0,
         "finished_job_doc_load_us": (load_us * 10.0).round() / 10.0,
-        "notes": "One core, release build. Observer: a node that only replicates (spec, two concurrent claims, start, result per job). Holder: a node that submits, claims, settles, starts and finishes each job itself. Documents hold a 64-hex outputs and logs id and full metrics. Automerge costs are per record over 500 documents of a 10-epoch job: write = one change committed by the holder (the spec's creation included); apply = the same changes applied one by one on another replica. Save and load: a finished one-epoch job's live document saved whole and loaded back, over 2,000 documents (what a node pays to evict a document beyond --live-docs and to load it again).",
+        "receive_change_full_view_us": (full_view_us * 10.0).round() / 10.0,
+        "receive_change_records_since_us": (delta_us * 10.0).round() / 10.0,
+        "notes": "One core, release build. Observer: a node that only replicates (spec, two concurrent claims, start, result per job). Holder: a node that submits, claims, settles, starts and finishes each job itself. Documents hold a 64-hex outputs and logs id and full metrics. Automerge costs are per record over 500 documents of a 10-epoch job: write = one change committed by the holder (the spec's creation included); apply = the same changes applied one by one on another replica. Save and load: a finished one-epoch job's live document saved whole and loaded back, over 2,000 documents (what a node pays to evict a document beyond --live-docs and to load it again). Receive: per change pushed by a peer, over 300 documents of a 10-epoch job, applying it and then decoding the whole view (full_view, before) or only the keys it changed (records_since, now).",
     });
     let text = serde_json::to_string_pretty(&out)?;
     println!("{text}");

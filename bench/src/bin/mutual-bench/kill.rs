@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use mutual::client::metric;
 use mutual_bench::plot::{Chart, Series, csv, line_chart};
-use mutual_bench::{command_line, machine, mutual_bin, process_peak_rss_mib, results_dir, today};
+use mutual_bench::{
+    command_line, machine, mutual_bin, process_cpu_s, process_peak_rss_mib, results_dir, today,
+};
 use serde_json::{Value, json};
 
 use super::{
@@ -122,6 +124,8 @@ struct Run {
     recovery_ms: Vec<f64>,
     sched_wait_ms: Vec<f64>,
     msgs_per_node_s: Vec<f64>,
+    /// Each surviving node's share of its process's CPU time over the run, in cores.
+    cpu_cores_per_node: Vec<f64>,
     peak_rss_mib: Vec<f64>,
     drain_s: f64,
 }
@@ -130,7 +134,7 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-const CSV_HEADER: [&str; 21] = [
+const CSV_HEADER: [&str; 22] = [
     "n",
     "slots",
     "kill_pct",
@@ -150,6 +154,7 @@ const CSV_HEADER: [&str; 21] = [
     "per_node_msgs_per_s_mean",
     "per_node_msgs_per_s_max",
     "per_node_peak_rss_mib_mean",
+    "per_node_cpu_cores_mean",
     "drain_s",
     "nodes_per_process",
 ];
@@ -177,6 +182,7 @@ fn csv_row(r: &Run) -> Vec<String> {
         f(mean(&r.msgs_per_node_s)),
         f(pct(&r.msgs_per_node_s, 1.0)),
         f(mean(&r.peak_rss_mib)),
+        mean(&r.cpu_cores_per_node).map_or(String::new(), |v| format!("{v:.4}")),
         format!("{:.1}", r.drain_s),
         r.per_process.to_string(),
     ]
@@ -193,6 +199,7 @@ fn summarize(rs: &[&Run]) -> Value {
         pool(|r| &r.sched_wait_ms),
     );
     let (msgs, rss) = (pool(|r| &r.msgs_per_node_s), pool(|r| &r.peak_rss_mib));
+    let cpu = pool(|r| &r.cpu_cores_per_node);
     let jobs: usize = rs.iter().map(|r| r.jobs).sum();
     let ok: f64 = rs.iter().map(|r| r.success_rate * r.jobs as f64).sum();
     json!({
@@ -217,6 +224,7 @@ fn summarize(rs: &[&Run]) -> Value {
         "per_node_msgs_per_s_max": pct(&msgs, 1.0),
         "per_node_peak_rss_mib_mean": mean(&rss),
         "per_node_peak_rss_mib_max": pct(&rss, 1.0),
+        "per_node_cpu_cores_mean": mean(&cpu),
         "drain_s_mean": mean(&rs.iter().map(|r| r.drain_s).collect::<Vec<_>>()),
         "node_args": rs.first().map(|r| r.node_args.clone()),
     })
@@ -400,7 +408,13 @@ fn run(
                 + metric(&text, "mutual_sync_messages_received"),
         )
     };
+    // A hosted node's share of its process's CPU time.
+    let node_cpu_s = |n: &mutual::harness::LocalNode| -> Option<f64> {
+        let (pid, shared) = n.process()?;
+        Some(process_cpu_s(pid)? / shared as f64)
+    };
     let msgs_at_start: Vec<Option<u64>> = nodes.iter().map(msgs).collect();
+    let cpu_at_start: Vec<Option<f64>> = nodes.iter().map(node_cpu_s).collect();
     let req = marker_job(&markers, job_seconds);
     let began = Instant::now();
     let mut ids = Vec::new();
@@ -482,12 +496,16 @@ fn run(
         .collect();
     let (mut msgs_per_node_s, mut peak_rss_mib) = (Vec::new(), Vec::new());
     let secs = began.elapsed().as_secs_f64().max(1e-3);
-    for (n, at_start) in nodes.iter().zip(&msgs_at_start) {
+    let mut cpu_cores_per_node = Vec::new();
+    for ((n, at_start), cpu_then) in nodes.iter().zip(&msgs_at_start).zip(&cpu_at_start) {
         if !n.is_running() {
             continue;
         }
         if let (Some(now), Some(then)) = (msgs(n), at_start) {
             msgs_per_node_s.push(now.saturating_sub(*then) as f64 / secs);
+        }
+        if let (Some(now), Some(then)) = (node_cpu_s(n), cpu_then) {
+            cpu_cores_per_node.push((now - then).max(0.0) / secs);
         }
         // A hosted node's share of its process's peak.
         if let Some(rss) = n
@@ -516,6 +534,7 @@ fn run(
         recovery_ms,
         sched_wait_ms,
         msgs_per_node_s,
+        cpu_cores_per_node,
         peak_rss_mib,
         drain_s,
     })
