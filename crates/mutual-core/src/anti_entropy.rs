@@ -6,12 +6,16 @@
 //! sending and loading whole documents for those jobs was most of what anti-entropy cost
 //! (perf on 50 nodes running E2), and it repaired nothing the pushes did not.
 //!
-//! So a job whose replica changed here within the last period is held back, and the next
-//! round looks again. Two exceptions keep repair prompt:
+//! So a job whose replica changed here within the *hold* — how long a push may still be on
+//! its way: the node uses its settle window, twice the measured time for a push to reach
+//! every node — is held back, and a later round looks again. The hold must stay that
+//! short: a lost claim or start that anti-entropy repairs a second late lets another node
+//! claim the job meanwhile (holding jobs back a whole 1 s round cost the simulator 20 %
+//! more duplicate executions under message loss). Two exceptions keep repair prompt:
 //!
-//! - a job held back once and still differing a period later is sent, however recently it
-//!   changed (a job that changes every second, or one whose pushes were lost while it
-//!   keeps changing, is not starved);
+//! - a job held back once and still differing a hold later is sent, however recently it
+//!   changed (a job that keeps changing, or one whose pushes were lost while it keeps
+//!   changing, is not starved);
 //! - a peer that is restarting gets everything that differs (it waits to catch up before
 //!   it claims anything).
 //!
@@ -30,19 +34,24 @@ pub const MAX_TRACKED_JOBS: usize = 100_000;
 /// back. Times are the caller's milliseconds.
 #[derive(Debug, Clone)]
 pub struct Pacer {
-    period_ms: u64,
+    hold_ms: u64,
     changed: HashMap<JobId, u64>,
     held: HashMap<JobId, u64>,
 }
 
 impl Pacer {
-    /// A pacer for rounds every `period_ms`.
-    pub fn new(period_ms: u64) -> Pacer {
+    /// A pacer that presumes a difference in flight for `hold_ms` after a change.
+    pub fn new(hold_ms: u64) -> Pacer {
         Pacer {
-            period_ms: period_ms.max(1),
+            hold_ms: hold_ms.max(1),
             changed: HashMap::new(),
             held: HashMap::new(),
         }
+    }
+
+    /// Changes the hold (the node's settle window adapts to measured round trips).
+    pub fn set_hold(&mut self, hold_ms: u64) {
+        self.hold_ms = hold_ms.max(1);
     }
 
     /// The replica of `job` changed here at `now_ms` (a local write or new records from a
@@ -52,11 +61,11 @@ impl Pacer {
         self.changed.insert(job, now_ms);
     }
 
-    /// Whether the replica of `job` changed within the last period.
+    /// Whether the replica of `job` changed within the hold.
     pub fn is_recent(&self, job: &JobId, now_ms: u64) -> bool {
         self.changed
             .get(job)
-            .is_some_and(|at| now_ms.saturating_sub(*at) < self.period_ms)
+            .is_some_and(|at| now_ms.saturating_sub(*at) < self.hold_ms)
     }
 
     /// Whether to send `job`, which differs from the peer's digest, now; `catching_up`:
@@ -65,7 +74,7 @@ impl Pacer {
         let held_long = self
             .held
             .get(&job)
-            .is_some_and(|at| now_ms.saturating_sub(*at) >= self.period_ms);
+            .is_some_and(|at| now_ms.saturating_sub(*at) >= self.hold_ms);
         if catching_up || held_long || !self.is_recent(&job, now_ms) {
             self.held.remove(&job);
             return true;
@@ -75,13 +84,13 @@ impl Pacer {
         false
     }
 
-    /// Forgets what is too old to matter: changes older than a period, and jobs held back
-    /// more than two periods ago (a difference gone by then was a push in flight). Call
-    /// once a round.
+    /// Forgets what is too old to matter: changes older than the hold, and jobs held back
+    /// more than two holds ago and not asked about since (a difference gone by then was a
+    /// push in flight). Call once a round.
     pub fn tick(&mut self, now_ms: u64) {
-        let p = self.period_ms;
-        self.changed.retain(|_, at| now_ms.saturating_sub(*at) < p);
-        self.held.retain(|_, at| now_ms.saturating_sub(*at) < 2 * p);
+        let h = self.hold_ms;
+        self.changed.retain(|_, at| now_ms.saturating_sub(*at) < h);
+        self.held.retain(|_, at| now_ms.saturating_sub(*at) < 2 * h);
     }
 
     /// Forgets everything (a restart).

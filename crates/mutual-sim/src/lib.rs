@@ -538,7 +538,7 @@ impl Sim {
                 },
                 det: Detector::new(pos, ring.clone(), cfg.fd_timeout_ms, 0),
                 passive_rounds: 0,
-                ae_pacer: Pacer::new(cfg.ae_interval_ms),
+                ae_pacer: Pacer::new(cfg.settle_ms),
                 execs: HashMap::new(),
                 killed: false,
                 group: 0,

@@ -590,7 +590,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     let mut node = Node {
         id,
         det: Detector::new(0, ring, cfg.timing.failure_timeout_ms, now),
-        ae_pacer: Pacer::new(cfg.timing.ae_interval_ms),
+        ae_pacer: Pacer::new(engine_timing.0),
         cfg,
         engine,
         docs,
@@ -761,7 +761,8 @@ struct Node {
     http: Option<String>,
     info_dirty: bool,
     passive_rounds: u32,
-    /// Which differing jobs anti-entropy sends now (those in flight wait a round).
+    /// Which differing jobs anti-entropy sends now (those still in flight, changed within
+    /// the settle window, wait).
     ae_pacer: Pacer,
     ticks: u64,
     last_tick_ms: u64,
@@ -1487,6 +1488,7 @@ impl Node {
         let (settle_floor, step_floor) = self.timing_floor;
         let settle = (2 * propagation_ms).clamp(settle_floor, MAX_SETTLE_MS.max(settle_floor));
         let step = propagation_ms.clamp(step_floor, MAX_RANK_STEP_MS.max(step_floor));
+        self.ae_pacer.set_hold(settle);
         if self.engine.timing() != (settle, step) {
             self.engine.tune(settle, step);
         }
