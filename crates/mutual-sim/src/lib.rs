@@ -18,7 +18,7 @@
 //! - **Replication**: every record written is pushed to every node; periodic anti-entropy
 //!   compares per-job fingerprints with a random peer and exchanges the differing jobs,
 //!   paced as `mutual node` paces it ([`mutual_core::anti_entropy`]: jobs that just
-//!   changed wait a round for the pushes in flight).
+//!   changed wait out the settle window, for the pushes in flight).
 //!   Full replication is what the product does up to about a thousand nodes; it is also
 //!   what dominates the cost of large runs (see `bench/results/`).
 //!
