@@ -84,14 +84,7 @@ pub fn process_peak_rss_mib(pid: u32) -> Option<f64> {
 /// CPU time another process has used so far (user + system), in seconds, if it is
 /// still running.
 pub fn process_cpu_s(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces: fields are counted after its closing paren, and
-    // utime and stime are fields 14 and 15 of stat(5).
-    let (_, rest) = stat.rsplit_once(") ")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // Linux reports these in USER_HZ, 100 per second on every architecture it runs on.
-    Some(ticks as f64 / 100.0)
+    mutual::exec::process_cpu_s(i32::try_from(pid).ok()?)
 }
 
 /// Another process's current resident memory (VmRSS), in MiB, if it is still running.

@@ -147,23 +147,35 @@ fn doc_bytes(epochs: u32) -> Result<usize> {
     Ok(bytes.len())
 }
 
+/// `docs` copies of one job's history as `writer` commits it: the creation change, then one
+/// change per record after the spec.
+fn job_changes(
+    docs: usize,
+    spec: &JobSpec,
+    recs: &[Record],
+    writer: NodeId,
+) -> Result<Vec<Vec<Vec<u8>>>> {
+    (0..docs)
+        .map(|_| {
+            let mut doc = JobDoc::create(spec, writer)?;
+            let mut c = vec![doc.last_change().context("create change")?];
+            for r in &recs[1..] {
+                doc.write(r)?;
+                c.push(doc.last_change().context("change")?);
+            }
+            Ok(c)
+        })
+        .collect()
+}
+
 /// Per-record cost of writing (one automerge change each, as a holder does) and of applying
 /// those changes on another replica (as every other node does), over many documents.
 fn doc_write_apply_us() -> Result<(f64, f64)> {
     const DOCS: usize = 500;
     let (spec, recs) = finished_job(10);
     let (a, b) = (NodeId::from_index(1), NodeId::from_index(2));
-    let mut changes: Vec<Vec<Vec<u8>>> = Vec::with_capacity(DOCS);
     let t = Instant::now();
-    for _ in 0..DOCS {
-        let mut doc = JobDoc::create(&spec, a)?;
-        let mut c = vec![doc.last_change().context("create change")?];
-        for r in &recs[1..] {
-            doc.write(r)?;
-            c.push(doc.last_change().context("change")?);
-        }
-        changes.push(c);
-    }
+    let changes = job_changes(DOCS, &spec, &recs, a)?;
     let n = (DOCS * recs.len()) as f64;
     let write_us = t.elapsed().as_secs_f64() * 1e6 / n;
     let t = Instant::now();
@@ -185,16 +197,7 @@ fn receive_decode_us() -> Result<(f64, f64)> {
     const DOCS: usize = 300;
     let (spec, recs) = finished_job(10);
     let (a, b) = (NodeId::from_index(1), NodeId::from_index(2));
-    let mut changes: Vec<Vec<Vec<u8>>> = Vec::with_capacity(DOCS);
-    for _ in 0..DOCS {
-        let mut doc = JobDoc::create(&spec, a)?;
-        let mut c = vec![doc.last_change().context("create change")?];
-        for r in &recs[1..] {
-            doc.write(r)?;
-            c.push(doc.last_change().context("change")?);
-        }
-        changes.push(c);
-    }
+    let changes = job_changes(DOCS, &spec, &recs, a)?;
     let n = (DOCS * (recs.len() - 1)) as f64;
     let mut found = [0usize; 2];
     let mut us = [0f64; 2];

@@ -307,7 +307,8 @@ impl Usage {
     }
 }
 
-fn clock_ticks_per_second() -> u64 {
+/// The kernel's clock ticks per second (`USER_HZ`), the unit of `/proc/<pid>/stat` times.
+pub fn clock_ticks_per_second() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -319,15 +320,8 @@ fn clock_ticks_per_second() -> u64 {
 pub fn read_usage(pid: i32) -> Usage {
     let proc = Path::new("/proc").join(pid.to_string());
     let mut u = Usage::default();
-    if let Ok(stat) = std::fs::read_to_string(proc.join("stat"))
-        // The command name may hold spaces: fields are counted after its closing paren.
-        && let Some((_, rest)) = stat.rsplit_once(") ")
-    {
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        // utime, stime, cutime, cstime are fields 14–17 of stat(5); `rest` starts at 3.
+    if let Some(f) = read_stat(pid) {
+        // utime, stime, cutime, cstime are fields 14–17 of stat(5).
         u.cpu_ticks = f.get(11..15).map_or(0, |t| t.iter().sum());
     }
     u.rss_peak_kib = read_rss_peak_kib(pid);
@@ -336,6 +330,28 @@ pub fn read_usage(pid: i32) -> Usage {
         u.written_bytes = proc_field(&io, "wchar:");
     }
     u
+}
+
+/// The numeric fields of `/proc/<pid>/stat` from the third (the state, read as 0) on;
+/// `None` if the process is gone.
+fn read_stat(pid: i32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing paren.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    Some(
+        rest.split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// CPU time the process itself has used so far (user + system, without its children), in
+/// seconds; `None` if it is gone.
+pub fn process_cpu_s(pid: i32) -> Option<f64> {
+    let f = read_stat(pid)?;
+    // utime and stime are fields 14 and 15 of stat(5).
+    let ticks: u64 = f.get(11..13)?.iter().sum();
+    Some(ticks as f64 / clock_ticks_per_second().max(1) as f64)
 }
 
 /// The process's peak resident memory so far (`VmHWM`), in KiB; 0 once it has exited.

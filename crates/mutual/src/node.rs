@@ -1712,15 +1712,13 @@ impl Node {
                 let theirs: HashMap<JobId, u64> =
                     jobs.into_iter().take(wire::MAX_DIGEST_JOBS).collect();
                 let caught_up = !self.engine.is_passive();
+                let pacer = &mut self.ae_pacer;
                 let differ: Vec<JobId> = self
                     .engine
                     .views()
                     .filter(|(id, v)| theirs.get(id) != Some(&v.fingerprint()))
                     .map(|(id, _)| *id)
-                    .collect();
-                let differ: Vec<JobId> = differ
-                    .into_iter()
-                    .filter(|id| self.ae_pacer.should_send(*id, now, catching_up))
+                    .filter(|id| pacer.should_send(*id, now, catching_up))
                     .collect();
                 let mut batch = Vec::new();
                 let mut bytes = 0usize;
