@@ -64,6 +64,11 @@ pub const QUIC_IDLE_TIMEOUT_S: u64 = 60;
 /// A probe tick later than this many half periods (1.5 periods) means this node itself was
 /// starved; the excess is not counted as the peers' silence.
 pub const LATE_TICK_HALF_PERIODS: u64 = 3;
+/// `members.json` is rewritten at most this often. It only helps a restarted node find
+/// its peers again, so a few seconds stale is harmless; while hundreds of nodes join,
+/// rewriting the whole list on every anti-entropy tick (4 a second) made every node write
+/// O(N) bytes four times a second, which showed as file creation in a 300-node profile.
+pub const MEMBERS_SAVE_INTERVAL: Duration = Duration::from_secs(5);
 /// The failure timeout is at least this many probe retransmission timeouts.
 pub const FAILURE_TIMEOUT_RTOS: f64 = 4.0;
 /// The settle window never adapts above this (ms), however slow probes get.
@@ -615,6 +620,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         detection_ms: Histogram::new([100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 5000.0]),
         judged_total: 0,
         members_dirty: false,
+        members_saved_at: None,
         containers,
         gpu_pool,
         alive_ring: vec![id],
@@ -690,6 +696,19 @@ struct Member {
     /// the overlay asks for every member's key on each membership change.
     key: Option<iroh::PublicKey>,
     alive: bool,
+    /// `info`'s share of the membership digest (0 for a stand-in), kept with it so a
+    /// round sums N numbers instead of hashing N infos.
+    digest_term: u64,
+}
+
+impl Member {
+    fn term(info: &NodeInfo) -> u64 {
+        if info.version == (0, 0) {
+            0
+        } else {
+            wire::member_hash_term(&info.id, info.version)
+        }
+    }
 }
 
 /// Internal events (unbounded: each one is the end of work the actor started).
@@ -770,6 +789,8 @@ struct Node {
     detection_ms: Histogram,
     judged_total: u64,
     members_dirty: bool,
+    /// When `members.json` was last written (see [`MEMBERS_SAVE_INTERVAL`]).
+    members_saved_at: Option<std::time::Instant>,
     /// The Docker connection, if this node runs container jobs.
     containers: Option<Containers>,
     /// GPUs not held by an execution.
@@ -1298,6 +1319,7 @@ impl Node {
                 if info.endpoint != m.info.endpoint {
                     m.key = iroh::PublicKey::from_bytes(&info.endpoint).ok();
                 }
+                m.digest_term = Member::term(&info);
                 m.info = info.clone();
                 relink
             }
@@ -1306,6 +1328,7 @@ impl Node {
                     id,
                     Member {
                         key: iroh::PublicKey::from_bytes(&info.endpoint).ok(),
+                        digest_term: Member::term(&info),
                         info: info.clone(),
                         alive: true,
                     },
@@ -1506,10 +1529,15 @@ impl Node {
 
     /// Saves the member list (for rejoining after a restart) when a member came or moved.
     fn save_members(&mut self) {
-        if !self.members_dirty {
+        if !self.members_dirty
+            || self
+                .members_saved_at
+                .is_some_and(|t| t.elapsed() < MEMBERS_SAVE_INTERVAL)
+        {
             return;
         }
         self.members_dirty = false;
+        self.members_saved_at = Some(std::time::Instant::now());
         let list: Vec<&NodeInfo> = self
             .members
             .values()
@@ -1602,10 +1630,20 @@ impl Node {
         }
         if let Some(peer) = self.random_neighbour() {
             self.send_digest(&peer, true);
-            // Membership anti-entropy rides along: it heals one-sided member views.
-            let list = self.member_list();
-            self.send(&peer, &Msg::Members(list));
+            // Membership anti-entropy rides along: it heals one-sided member views. Only
+            // a hash travels; the lists follow only where the views differ.
+            let hash = self.member_hash();
+            self.send(&peer, &Msg::MemberDigest { hash, reply: true });
         }
+    }
+
+    /// The membership digest: the wrapping sum of every known member's (id, version)
+    /// term and this node's own.
+    fn member_hash(&self) -> u64 {
+        let mine = wire::member_hash_term(&self.id, self.version);
+        self.members
+            .values()
+            .fold(mine, |sum, m| sum.wrapping_add(m.digest_term))
     }
 
     // ---- peers ---------------------------------------------------------------------
@@ -1683,6 +1721,24 @@ impl Node {
                             .is_some_and(|m| m.info.version < info.version)
                     {
                         self.ensure_member(info, now);
+                    }
+                }
+            }
+            Msg::MemberDigest { hash, reply } => {
+                let mine = self.member_hash();
+                if mine != hash {
+                    // Our list first, then (if asked) our hash: the sender merges the list
+                    // before it compares, so it answers only if it holds something newer.
+                    let list = self.member_list();
+                    self.send(&from, &Msg::Members(list));
+                    if reply {
+                        self.send(
+                            &from,
+                            &Msg::MemberDigest {
+                                hash: mine,
+                                reply: false,
+                            },
+                        );
                     }
                 }
             }
