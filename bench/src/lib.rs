@@ -48,15 +48,16 @@ pub fn machine() -> Machine {
     Machine {
         cpu,
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        memory_gib: (proc_kib("/proc/meminfo", "MemTotal:").unwrap_or(0.0) / 1024.0 / 1024.0
+        memory_gib: (proc_number("/proc/meminfo", "MemTotal:").unwrap_or(0.0) / 1024.0 / 1024.0
             * 10.0)
             .round()
             / 10.0,
     }
 }
 
-/// The value of a `Key:   1234 kB` line of a `/proc` file, in KiB.
-fn proc_kib(path: &str, key: &str) -> Option<f64> {
+/// The number on a `Key:   1234 kB` line of a `/proc` file (KiB for memory lines, a count
+/// for lines such as `voluntary_ctxt_switches:`).
+pub fn proc_number(path: &str, key: &str) -> Option<f64> {
     let text = std::fs::read_to_string(path).ok()?;
     text.lines()
         .find(|l| l.starts_with(key))?
@@ -68,17 +69,17 @@ fn proc_kib(path: &str, key: &str) -> Option<f64> {
 
 /// Memory the kernel says is available, in bytes.
 pub fn mem_available_bytes() -> u64 {
-    proc_kib("/proc/meminfo", "MemAvailable:").map_or(0, |k| (k * 1024.0) as u64)
+    proc_number("/proc/meminfo", "MemAvailable:").map_or(0, |k| (k * 1024.0) as u64)
 }
 
 /// This process's peak resident memory (VmHWM), in MiB.
 pub fn peak_rss_mib() -> f64 {
-    proc_kib("/proc/self/status", "VmHWM:").map_or(f64::NAN, |k| k / 1024.0)
+    proc_number("/proc/self/status", "VmHWM:").map_or(f64::NAN, |k| k / 1024.0)
 }
 
 /// Another process's peak resident memory (VmHWM), in MiB, if it is still running.
 pub fn process_peak_rss_mib(pid: u32) -> Option<f64> {
-    proc_kib(&format!("/proc/{pid}/status"), "VmHWM:").map(|k| k / 1024.0)
+    proc_number(&format!("/proc/{pid}/status"), "VmHWM:").map(|k| k / 1024.0)
 }
 
 /// CPU time another process has used so far (user + system), in seconds, if it is
@@ -87,9 +88,15 @@ pub fn process_cpu_s(pid: u32) -> Option<f64> {
     mutual::exec::process_cpu_s(i32::try_from(pid).ok()?)
 }
 
+/// Sync messages a node sent and received so far, from its `/metrics` text.
+pub fn sync_messages(metrics: &str) -> u64 {
+    mutual::client::metric(metrics, "mutual_sync_messages_sent")
+        + mutual::client::metric(metrics, "mutual_sync_messages_received")
+}
+
 /// Another process's current resident memory (VmRSS), in MiB, if it is still running.
 pub fn process_rss_mib(pid: u32) -> Option<f64> {
-    proc_kib(&format!("/proc/{pid}/status"), "VmRSS:").map(|k| k / 1024.0)
+    proc_number(&format!("/proc/{pid}/status"), "VmRSS:").map(|k| k / 1024.0)
 }
 
 /// The command line that ran this program, for the results file.

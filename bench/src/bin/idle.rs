@@ -18,7 +18,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mutual::client::metric;
 use mutual::harness::{LocalNode, start_hosted_cluster};
-use mutual_bench::{command_line, machine, mutual_bin, process_cpu_s, process_rss_mib, today};
+use mutual_bench::{
+    command_line, machine, mutual_bin, proc_number, process_cpu_s, process_rss_mib, sync_messages,
+    today,
+};
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -77,16 +80,15 @@ fn context_switches(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .flat_map(|s| {
-            s.lines()
-                .filter(|l| l.contains("ctxt_switches"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
-        .sum()
+    let mut sum = 0.0;
+    for task in tasks.flatten() {
+        let status = task.path().join("status");
+        let status = status.to_string_lossy();
+        for key in ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"] {
+            sum += proc_number(&status, key).unwrap_or(0.0);
+        }
+    }
+    sum as u64
 }
 
 fn host_pids(nodes: &[LocalNode]) -> Vec<u32> {
@@ -100,8 +102,7 @@ fn read(nodes: &[LocalNode], pids: &[u32]) -> Result<Reading> {
     let (mut msgs, mut bytes) = (0, 0);
     for n in nodes {
         let text = n.client().metrics().context("reading a node's /metrics")?;
-        msgs += metric(&text, "mutual_sync_messages_sent")
-            + metric(&text, "mutual_sync_messages_received");
+        msgs += sync_messages(&text);
         bytes +=
             metric(&text, "mutual_sync_bytes_sent") + metric(&text, "mutual_sync_bytes_received");
     }

@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use mutual::client::metric;
 use mutual_bench::plot::{Chart, Series, csv, line_chart};
 use mutual_bench::{
-    command_line, machine, mutual_bin, process_cpu_s, process_peak_rss_mib, results_dir, today,
+    command_line, machine, mutual_bin, process_cpu_s, process_peak_rss_mib, results_dir,
+    sync_messages, today,
 };
 use serde_json::{Value, json};
 
@@ -402,11 +402,7 @@ fn run(
         mutual::harness::start_cluster_with(bin, root.path(), agents, |_| node_args.clone())?
     };
     let msgs = |n: &mutual::harness::LocalNode| -> Option<u64> {
-        let text = n.client().metrics().ok()?;
-        Some(
-            metric(&text, "mutual_sync_messages_sent")
-                + metric(&text, "mutual_sync_messages_received"),
-        )
+        Some(sync_messages(&n.client().metrics().ok()?))
     };
     // A hosted node's share of its process's CPU time.
     let node_cpu_s = |n: &mutual::harness::LocalNode| -> Option<f64> {
