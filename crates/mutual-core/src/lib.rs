@@ -14,6 +14,8 @@
 //! - [`overlay`]: the sparse overlay (fingers on the live ring) and its broadcast tree.
 //! - [`discovery`]: finding a node that matches a constraint via per-node directories of
 //!   the overlay neighbours' statuses, at O(log N) messages per node instead of O(N).
+//! - [`placement`]: which nodes hold a job's document — all of them, or beyond a thousand
+//!   nodes its `k` XOR-closest — and the hand-off when the live set changes.
 //! - [`invariants`]: one checker per invariant of `docs/invariants.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -30,6 +32,7 @@ pub mod ids;
 pub mod invariants;
 pub mod membership;
 pub mod overlay;
+pub mod placement;
 pub mod rank;
 pub mod spec;
 pub mod token;

@@ -283,12 +283,12 @@ fn exp_us(mean: f64, u: f64) -> f64 {
     -mean * (1.0 - u).ln()
 }
 
-fn jitter_us(u: f64) -> u64 {
+pub(crate) fn jitter_us(u: f64) -> u64 {
     (exp_us(JITTER_MEAN_US, u) as u64).min(JITTER_MAX_US)
 }
 
 /// The fixed base latency between positions `a` and `b` (symmetric).
-fn base_us(seed: u64, a: usize, b: usize) -> u64 {
+pub(crate) fn base_us(seed: u64, a: usize, b: usize) -> u64 {
     let (lo, hi) = (a.min(b) as u64, a.max(b) as u64);
     let h = mix64(seed ^ mix64(lo.wrapping_mul(0x1_0000_0001) ^ mix64(hi)));
     LINK_BASE_MIN_US + h % (LINK_BASE_MAX_US - LINK_BASE_MIN_US + 1)
@@ -299,7 +299,7 @@ fn in_window(w: &Workload, t_us: u64) -> bool {
 }
 
 /// Nearest-rank percentile of sorted values (0 when empty).
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -315,7 +315,7 @@ fn mean(v: &[f64]) -> f64 {
     }
 }
 
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+pub(crate) fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
     v
 }
@@ -604,16 +604,17 @@ fn reach99(mut arrivals: Vec<f64>) -> f64 {
 // broadcast
 
 /// The broadcast tree rooted at position 0 of a ring of `n` (any root is a rotation).
-struct Tree {
+pub(crate) struct Tree {
     parent: Vec<usize>,
-    children: Vec<u64>,
+    /// How many copies the node at each offset from the root forwards.
+    pub(crate) children: Vec<u64>,
     /// Positions in breadth-first order (root first).
     order: Vec<usize>,
     depth: u32,
 }
 
 impl Tree {
-    fn new(ring: &[NodeId]) -> Tree {
+    pub(crate) fn new(ring: &[NodeId]) -> Tree {
         let n = ring.len();
         let mut parent = vec![0; n];
         let mut children = vec![0u64; n];

@@ -44,6 +44,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 pub mod e4;
+pub mod e4_placement;
 
 /// Local clocks start here (ms), so that skewed clocks never go below zero.
 const CLOCK_BASE_MS: u64 = 1_000_000_000;
