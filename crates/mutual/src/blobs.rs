@@ -91,10 +91,15 @@ fn unavailable(hash: Hash, tried: &[String]) -> BlobError {
     }
 }
 
+/// Who the data plane may ask. Kept in two parts so that a membership change costs the
+/// node one shared slice, not a new address for every member: at 300 nodes rebuilding the
+/// whole address list on every join was one of the costs a profile of joining showed.
 #[derive(Default)]
 struct Peers {
-    /// Members other than this node, in the order they are asked (ring order from here).
-    order: Vec<NodeId>,
+    /// Live members, this node included, sorted by id (the overlay's live ring); they are
+    /// asked in ring order from this node.
+    ring: Arc<[NodeId]>,
+    /// Addresses of every member learned, live or not.
     addrs: HashMap<NodeId, EndpointAddr>,
     /// Endpoint keys of every member ever learned (a restarted member's old key included:
     /// it proved the secret once).
@@ -156,16 +161,36 @@ impl Blobs {
         [iroh_blobs::ALPN.to_vec(), COPY_ALPN.to_vec()]
     }
 
-    /// The live members to fetch from and copy to, in preference order, with addresses.
-    pub fn set_peers(&self, peers: Vec<(NodeId, EndpointAddr)>) {
-        let Ok(mut p) = self.inner.peers.write() else {
-            return;
-        };
-        p.order = peers.iter().map(|(n, _)| *n).collect();
-        for (_, a) in &peers {
-            p.members.insert(a.id);
+    /// The live members (this node included, sorted by id): who is asked, in ring order
+    /// from this node, among those with an address.
+    pub fn set_live(&self, ring: Arc<[NodeId]>) {
+        if let Ok(mut p) = self.inner.peers.write() {
+            p.ring = ring;
         }
-        p.addrs = peers.into_iter().collect();
+    }
+
+    /// A member's endpoint address (new, or moved); its key may connect from now on.
+    pub fn set_addr(&self, node: NodeId, addr: EndpointAddr) {
+        if let Ok(mut p) = self.inner.peers.write() {
+            p.members.insert(addr.id);
+            p.addrs.insert(node, addr);
+        }
+    }
+
+    /// Forgets a member's address (it was never a member: a stand-in for a join ticket).
+    pub fn forget(&self, node: &NodeId) {
+        if let Ok(mut p) = self.inner.peers.write() {
+            p.addrs.remove(node);
+        }
+    }
+
+    /// The address of `node` if it is a live member other than this node.
+    fn live_addr(&self, node: &NodeId) -> Option<EndpointAddr> {
+        let p = self.inner.peers.read().ok()?;
+        if *node == self.inner.me || p.ring.binary_search(node).is_err() {
+            return None;
+        }
+        p.addrs.get(node).cloned()
     }
 
     fn is_member(&self, key: &PublicKey) -> bool {
@@ -177,15 +202,26 @@ impl Blobs {
 
     /// Whether any other live member is known.
     pub fn has_peers(&self) -> bool {
-        self.inner.peers.read().is_ok_and(|p| !p.order.is_empty())
+        self.inner.peers.read().is_ok_and(|p| {
+            p.ring
+                .iter()
+                .any(|n| *n != self.inner.me && p.addrs.contains_key(n))
+        })
     }
 
+    /// Live members other than this node with an address, in ring order from this node.
     fn peer_order(&self) -> Vec<NodeId> {
-        self.inner
-            .peers
-            .read()
-            .map(|p| p.order.clone())
-            .unwrap_or_default()
+        let Ok(p) = self.inner.peers.read() else {
+            return Vec::new();
+        };
+        let me = self.inner.me;
+        let start = p.ring.partition_point(|n| *n <= me);
+        p.ring[start..]
+            .iter()
+            .chain(&p.ring[..start])
+            .filter(|n| **n != me && p.addrs.contains_key(n))
+            .copied()
+            .collect()
     }
 
     /// Serves an inbound data-plane connection (either ALPN), members only.
@@ -238,11 +274,7 @@ impl Blobs {
             conns.remove(&(node, alpn));
         }
         let addr = self
-            .inner
-            .peers
-            .read()
-            .ok()
-            .and_then(|p| p.addrs.get(&node).cloned())
+            .live_addr(&node)
             .ok_or_else(|| "not a live member".to_string())?;
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.inner.endpoint.connect(addr, alpn))
             .await

@@ -1300,6 +1300,7 @@ impl Node {
         {
             self.members.remove(&stand_in);
             self.links.remove(&stand_in);
+            self.io.blobs.forget(&stand_in);
             self.rebuild_detector(now);
         }
         let relink = match self.members.get_mut(&id) {
@@ -1338,6 +1339,15 @@ impl Node {
                 true
             }
         };
+        // A join ticket's stand-in (version (0, 0)) has not proved the secret yet.
+        if relink
+            && info.version != (0, 0)
+            && let Some(key) = self.members.get(&id).and_then(|m| m.key)
+        {
+            self.io
+                .blobs
+                .set_addr(id, net::endpoint_addr(key, &info.addrs));
+        }
         if relink && !info.addrs.is_empty() {
             let hello = self.my_info();
             let link = self
@@ -1385,17 +1395,11 @@ impl Node {
             link.set_keep(self.neighbours.binary_search(id).is_ok());
         }
         // The data plane asks live members in ring order from here: copies of one
-        // node's blobs land on its successors, and fetches spread.
-        let me = self.alive_ring.binary_search(&self.id).unwrap_or(0);
-        let n = self.alive_ring.len();
-        let peers = (1..n)
-            .map(|k| self.alive_ring[(me + k) % n])
-            .filter_map(|id| {
-                let m = self.members.get(&id)?;
-                Some((id, net::endpoint_addr(m.key?, &m.info.addrs)))
-            })
-            .collect();
-        self.io.blobs.set_peers(peers);
+        // node's blobs land on its successors, and fetches spread. Their addresses are
+        // given as members are learned (`ensure_member`), not rebuilt here.
+        self.io
+            .blobs
+            .set_live(Arc::from(self.alive_ring.as_slice()));
     }
 
     fn pos(&self, id: &NodeId) -> Option<usize> {
@@ -1686,6 +1690,7 @@ impl Node {
                     // A --join ticket with the wrong secret: forget it.
                     self.members.remove(&peer);
                     self.links.remove(&peer);
+                    self.io.blobs.forget(&peer);
                     self.rebuild_detector(now);
                     let waiting = self.members.values().any(|m| m.info.version == (0, 0));
                     if !waiting && self.joined.borrow().is_none() {
