@@ -9,7 +9,10 @@
 //! node's cost decides how many nodes one machine holds: E2 at 500 agents needs it small.
 //!
 //! `cargo run --release -p mutual-bench --bin idle -- --nodes 100,200` writes
-//! `bench/results/idle.json`; `--mutual PATH --label before` measures another build.
+//! `bench/results/idle.json`; `--mutual PATH --label before` measures another build. A
+//! cluster that does not form (a node cannot join in time) is reported as such, with how
+//! long it tried; one that forms also reports the CPU its forming took and the false death
+//! judgements (every node is alive throughout, so every judgement is false).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,6 +42,10 @@ struct Args {
     /// Seconds measured.
     #[arg(long, default_value_t = 30)]
     window_s: u64,
+    /// An extra argument for every hosted node (repeatable), e.g.
+    /// `--node-arg=--probe-interval=1s`.
+    #[arg(long, allow_hyphen_values = true)]
+    node_arg: Vec<String>,
     /// The `mutual` binary [default: the one next to this driver].
     #[arg(long)]
     mutual: Option<PathBuf>,
@@ -118,12 +125,26 @@ fn read(nodes: &[LocalNode], pids: &[u32]) -> Result<Reading> {
 fn measure(bin: &Path, a: &Args, n: usize) -> Result<Value> {
     let root = tempfile::Builder::new().prefix("mutual-idle-").tempdir()?;
     let started = std::time::Instant::now();
-    let nodes = start_hosted_cluster(bin, root.path(), n, a.per_process, &[])
-        .with_context(|| format!("starting {n} hosted nodes"))?;
+    let nodes = match start_hosted_cluster(bin, root.path(), n, a.per_process, &a.node_arg) {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            // A cluster that cannot form is a result too: say how far it got.
+            let error = format!("{:#}", anyhow::Error::from(e));
+            eprintln!("{n} nodes did not form: {error}");
+            return Ok(json!({
+                "n": n,
+                "per_process": a.per_process,
+                "formed": false,
+                "after_s": started.elapsed().as_secs_f64(),
+                "error": error,
+            }));
+        }
+    };
     let start_s = started.elapsed().as_secs_f64();
-    eprintln!("{n} nodes all alive after {start_s:.1} s");
-    std::thread::sleep(Duration::from_secs(a.settle_s));
     let pids = host_pids(&nodes);
+    let start_cpu_s: f64 = pids.iter().filter_map(|p| process_cpu_s(*p)).sum();
+    eprintln!("{n} nodes all alive after {start_s:.1} s ({start_cpu_s:.1} s of CPU)");
+    std::thread::sleep(Duration::from_secs(a.settle_s));
     let before = read(&nodes, &pids)?;
     std::thread::sleep(Duration::from_secs(a.window_s));
     let after = read(&nodes, &pids)?;
@@ -134,10 +155,18 @@ fn measure(bin: &Path, a: &Args, n: usize) -> Result<Value> {
         .nodes()
         .map(|l| l.iter().filter(|s| s.alive).count())
         .unwrap_or(0);
+    let judged_dead: f64 = nodes
+        .iter()
+        .filter_map(|n| n.client().metrics().ok())
+        .map(|t| metric(&t, "mutual_members_judged_dead_total") as f64)
+        .sum();
     let row = json!({
         "n": n,
         "per_process": a.per_process,
+        "formed": true,
         "start_s": start_s,
+        "start_cpu_s": start_cpu_s,
+        "false_death_judgements": judged_dead,
         "cpu_cores_per_node": (after.cpu_s - before.cpu_s) / per_node_s,
         "cpu_cores_total": (after.cpu_s - before.cpu_s) / a.window_s as f64,
         "msgs_per_node_s": after.msgs.saturating_sub(before.msgs) as f64 / per_node_s,
@@ -171,6 +200,7 @@ fn main() -> Result<()> {
         "date": today(),
         "machine": machine(),
         "mutual": bin.display().to_string(),
+        "node_args": a.node_arg,
         "settle_s": a.settle_s,
         "window_s": a.window_s,
         "sizes": rows,

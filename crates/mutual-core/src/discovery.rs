@@ -1306,18 +1306,22 @@ mod tests {
                 ..
             }
         )));
-        // Links not asked in round 1 come first (only 12 links here: some are asked again).
+        // Links not asked in round 1 come first: two rounds ask every link, or as many
+        // distinct ones as they can.
+        let links = d.links().len();
+        assert!(links > QUERY_FANOUT, "{links} links");
         let unasked = d
             .links()
             .iter()
             .filter(|l| !queries.iter().any(|(q, _)| q == *l))
             .count();
-        assert_eq!(unasked, d.links().len() - QUERY_FANOUT);
-        assert!(
-            d.links()
-                .iter()
-                .all(|l| queries.iter().chain(second.iter()).any(|(q, _)| q == l))
-        );
+        assert_eq!(unasked, links - QUERY_FANOUT);
+        let asked = d
+            .links()
+            .iter()
+            .filter(|l| queries.iter().chain(second.iter()).any(|(q, _)| q == *l))
+            .count();
+        assert_eq!(asked, links.min(2 * QUERY_FANOUT));
         let out = d.handle(2 * ROUND_TIMEOUT_MS, Input::Tick).unwrap();
         assert_eq!(sends(&out).len(), QUERY_FANOUT);
         let out = d.handle(3 * ROUND_TIMEOUT_MS, Input::Tick).unwrap();

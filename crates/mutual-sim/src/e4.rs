@@ -4,7 +4,7 @@
 //! the two ways of finding "a node that matches a constraint right now"?
 //!
 //! - **`broadcast`** — what the product does today: every status change goes to all N
-//!   nodes down the overlay's broadcast tree ([`overlay::tree_targets`], ⌈log₂ N⌉ hops); a
+//!   nodes down the overlay's broadcast tree ([`overlay::tree_targets`], ~log₂ N hops); a
 //!   lookup scans the node's full table and verifies the chosen node with one round trip
 //!   (the next one if that fails, up to the directory's verify bound).
 //! - **`directory`** — [`mutual_core::discovery`]: statuses go to the ~2·log₂ N overlay
@@ -45,9 +45,12 @@
 //!
 //! **Broadcast at 10,000 nodes** would be ~33 million deliveries per simulated second, so
 //! it is not simulated message by message. The tree delivers exactly N − 1 copies per
-//! change and, with agreeing views, its shape depends only on ring positions: a node at
-//! offset o from the origin forwards to `children(o)` others. Loads are therefore counted
-//! exactly from the changes in the window; a node's table is evaluated lazily at lookup
+//! change. Its shape depends on the origin (fingers are laid out in the id space), and
+//! building N trees of N nodes is out of reach at 10,000, so the model uses the tree of
+//! the node at position 0 for every origin, rotated: a node at offset o from the origin
+//! forwards to `children(o)` others. The mean load is exact (N − 1 deliveries per change);
+//! the busiest node's load and the per-path delays are those of one real tree, moved.
+//! Loads are counted from the changes in the window; a node's table is evaluated lazily at lookup
 //! time (a change is visible once the sum of its tree path's hop latencies has passed, hop
 //! jitter being a hash of the change and the hop); reach is computed for sampled changes.
 
