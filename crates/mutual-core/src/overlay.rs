@@ -36,8 +36,10 @@ use crate::ids::NodeId;
 /// Rings of at most this many live nodes use a flat tree (everyone is a finger).
 pub const FLAT_MAX_NODES: usize = 16;
 /// Hops a broadcast may take beyond ⌈log₂ N⌉: gaps between random ids are uneven, so a
-/// sub-arc can hold more nodes than half its parent's. Over every origin of random rings
-/// of 17 to 300 nodes the deepest tree was ⌈log₂ N⌉ + 1; the exactly-once test checks it.
+/// sub-arc can hold more nodes than half its parent's. In a sample of random rings of 17
+/// to 300 nodes, from every origin, the deepest tree was ⌈log₂ N⌉ + 1; the exactly-once
+/// property test checks the bound. A node uses it only to size its settle window, never
+/// for safety.
 pub const DEPTH_MARGIN_HOPS: u32 = 1;
 /// Bits of the id space fingers are laid out in.
 const ID_BITS: u32 = 128;
