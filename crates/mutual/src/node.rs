@@ -692,9 +692,6 @@ fn placeholder_info(endpoint: [u8; 32], addrs: Vec<SocketAddr>) -> NodeInfo {
 
 struct Member {
     info: NodeInfo,
-    /// `info.endpoint` as a key, parsed once: parsing is a curve point decompression, and
-    /// the overlay asks for every member's key on each membership change.
-    key: Option<iroh::PublicKey>,
     alive: bool,
     /// `info`'s share of the membership digest (0 for a stand-in), kept with it so a
     /// round sums N numbers instead of hashing N infos.
@@ -1317,9 +1314,6 @@ impl Node {
                 if relink || info.http != m.info.http {
                     self.members_dirty = true;
                 }
-                if info.endpoint != m.info.endpoint {
-                    m.key = iroh::PublicKey::from_bytes(&info.endpoint).ok();
-                }
                 m.digest_term = Member::term(&info);
                 m.info = info.clone();
                 relink
@@ -1328,7 +1322,6 @@ impl Node {
                 self.members.insert(
                     id,
                     Member {
-                        key: iroh::PublicKey::from_bytes(&info.endpoint).ok(),
                         digest_term: Member::term(&info),
                         info: info.clone(),
                         alive: true,
@@ -1339,10 +1332,11 @@ impl Node {
                 true
             }
         };
-        // A join ticket's stand-in (version (0, 0)) has not proved the secret yet.
+        // A join ticket's stand-in (version (0, 0)) has not proved the secret yet. The key
+        // is parsed (a curve point decompression) only when the member is new or moved.
         if relink
             && info.version != (0, 0)
-            && let Some(key) = self.members.get(&id).and_then(|m| m.key)
+            && let Ok(key) = iroh::PublicKey::from_bytes(&info.endpoint)
         {
             self.io
                 .blobs

@@ -26,6 +26,16 @@ pub struct E4Args {
     out: PathBuf,
 }
 
+/// The x axis of every E4 plot.
+const LOG_N_AXIS: &str = "log10 N (2 = 100 nodes, 3 = 1,000, 4 = 10,000)";
+
+/// (N, y) points on log-log axes (y floored at 1e-9, which has a logarithm).
+fn log_log(pts: Vec<(usize, f64)>) -> Vec<(f64, f64)> {
+    pts.into_iter()
+        .map(|(n, y)| ((n as f64).log10(), y.max(1e-9).log10()))
+        .collect()
+}
+
 /// How fast `y` grows from the smallest to the largest N, against log N:
 /// (y(N_max) / y(N_min)) / (log N_max / log N_min). At most 1 is "no faster than log N".
 fn growth_vs_log(points: &[(usize, f64)]) -> Option<f64> {
@@ -97,29 +107,24 @@ pub fn run(a: E4Args) -> anyhow::Result<()> {
             .map(|r| (r.nodes, f(r)))
             .collect::<Vec<(usize, f64)>>()
     };
-    let log10 = |pts: Vec<(usize, f64)>| -> Vec<(f64, f64)> {
-        pts.into_iter()
-            .map(|(n, y)| ((n as f64).log10(), y.max(1e-9).log10()))
-            .collect()
-    };
     line_chart(
         &a.out.join("e4.png"),
         &Chart {
             title: "E4: per-node messages per second vs cluster size (log-log)",
-            x: "log10 N (2 = 100 nodes, 3 = 1,000, 4 = 10,000)",
+            x: LOG_N_AXIS,
             y: "log10 messages sent + received per node per s",
             series: vec![
                 Series {
                     label: "broadcast (today), mean".into(),
-                    points: log10(series("broadcast", None, |r| r.per_node_msgs_per_s_mean)),
+                    points: log_log(series("broadcast", None, |r| r.per_node_msgs_per_s_mean)),
                 },
                 Series {
                     label: "directory, mean".into(),
-                    points: log10(series("directory", None, |r| r.per_node_msgs_per_s_mean)),
+                    points: log_log(series("directory", None, |r| r.per_node_msgs_per_s_mean)),
                 },
                 Series {
                     label: "directory, busiest node".into(),
-                    points: log10(series("directory", None, |r| r.per_node_msgs_per_s_max)),
+                    points: log_log(series("directory", None, |r| r.per_node_msgs_per_s_max)),
                 },
             ],
             shade: None,
@@ -135,7 +140,7 @@ pub fn run(a: E4Args) -> anyhow::Result<()> {
         &a.out.join("e4-lookup.png"),
         &Chart {
             title: "E4: lookup latency p99 vs cluster size",
-            x: "log10 N (2 = 100 nodes, 3 = 1,000, 4 = 10,000)",
+            x: LOG_N_AXIS,
             y: "lookup p99 (ms)",
             series: ["broadcast", "directory"]
                 .iter()
@@ -265,37 +270,32 @@ fn write_placement(
             .map(|r| (r.nodes, f(r)))
             .collect::<Vec<(usize, f64)>>()
     };
-    let log10 = |pts: Vec<(usize, f64)>| -> Vec<(f64, f64)> {
-        pts.into_iter()
-            .map(|(n, y)| ((n as f64).log10(), y.max(1e-9).log10()))
-            .collect()
-    };
     line_chart(
         &a.out.join("e4-placement.png"),
         &Chart {
             title: "E4: job-document replication per node vs cluster size (log-log)",
-            x: "log10 N (2 = 100 nodes, 3 = 1,000, 4 = 10,000)",
+            x: LOG_N_AXIS,
             y: "log10 per node: messages per s, or documents held",
             series: vec![
                 Series {
                     label: "full replication, messages per s".into(),
-                    points: log10(series("full", |r| r.per_node_msgs_per_s_mean)),
+                    points: log_log(series("full", |r| r.per_node_msgs_per_s_mean)),
                 },
                 Series {
                     label: "placed (k XOR-closest), messages per s, mean".into(),
-                    points: log10(series("placed", |r| r.per_node_msgs_per_s_mean)),
+                    points: log_log(series("placed", |r| r.per_node_msgs_per_s_mean)),
                 },
                 Series {
                     label: "placed, messages per s, busiest node".into(),
-                    points: log10(series("placed", |r| r.per_node_msgs_per_s_max)),
+                    points: log_log(series("placed", |r| r.per_node_msgs_per_s_max)),
                 },
                 Series {
                     label: "full replication, documents held".into(),
-                    points: log10(series("full", |r| r.docs_per_node_mean)),
+                    points: log_log(series("full", |r| r.docs_per_node_mean)),
                 },
                 Series {
                     label: "placed, documents held, mean".into(),
-                    points: log10(series("placed", |r| r.docs_per_node_mean)),
+                    points: log_log(series("placed", |r| r.docs_per_node_mean)),
                 },
             ],
             shade: None,
