@@ -342,7 +342,11 @@ mod tests {
         }
 
         /// A node some views lack (it joined, or died) is missed at worst; the nodes every
-        /// view agrees on still get the broadcast, and nobody gets it more than twice.
+        /// view agrees on still get the broadcast, none more than twice. The disputed node
+        /// itself can be handed overlapping arcs by parents that disagree about it, so it
+        /// may get several copies (at most 4 in sweeps of rings of 3 to 200 nodes, never
+        /// more than the tree's depth, which is what is checked; every other node got
+        /// exactly one). Copies are harmless: automerge changes are idempotent.
         #[test]
         fn one_disagreement_loses_at_most_a_subtree(n in 3u64..200, odd in 0usize..200, origin in 0usize..200) {
             let r = ring(n);
@@ -357,7 +361,8 @@ mod tests {
                 .map(|(k, x)| (*x, if k % 2 == 0 && *x != odd { without.clone() } else { r.clone() }))
                 .collect();
             let (got, _) = run(&views, origin);
-            prop_assert!(got.values().all(|c| *c <= 2));
+            prop_assert!(got.iter().all(|(x, c)| *x == odd || *c <= 2));
+            prop_assert!(got.get(&odd).is_none_or(|c| *c <= super::depth(r.len())));
             let missed = r.iter().filter(|x| **x != origin && !got.contains_key(x)).count();
             prop_assert!(missed <= 1, "missed {}", missed);
         }
