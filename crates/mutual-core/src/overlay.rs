@@ -22,8 +22,8 @@
 //! every live node gets the message exactly once; each hop about halves the id-space width
 //! of the arc, so the depth is about log₂ N ([`depth`] bounds it with a margin for uneven
 //! gaps between ids). Views that disagree (a join or a death not yet known everywhere) can
-//! miss a node or reach one twice: duplicates are harmless (automerge changes are
-//! idempotent) and anti-entropy repairs misses.
+//! miss the disputed node or reach it several times: duplicates are harmless (automerge
+//! changes are idempotent) and anti-entropy repairs misses.
 //!
 //! Up to [`FLAT_MAX_NODES`] live nodes the tree is flat: every node is everyone's finger, so
 //! a broadcast is one hop (a 10-node cluster waits less for claims) and each node holds at
