@@ -1345,3 +1345,84 @@ fn a_crashed_hosted_node_dies_alone_and_its_job_is_taken_over() {
     );
     o.cancel(&id).expect("cancel");
 }
+
+/// Every live node's list of the jobs it holds, by job.
+fn listings(nodes: &[LocalNode]) -> BTreeMap<String, Vec<JobStatus>> {
+    let mut out: BTreeMap<String, Vec<JobStatus>> = BTreeMap::new();
+    for n in nodes.iter().filter(|n| n.is_running()) {
+        for s in n.client().jobs(None).unwrap_or_default() {
+            out.entry(s.id.clone()).or_default().push(s);
+        }
+    }
+    out
+}
+
+#[test]
+fn placed_jobs_live_on_few_nodes_agree_and_survive_their_runner() {
+    const K: usize = 2;
+    let (_g, dir, bin, mut nodes) = cluster(6, &["--replicas", "2", "--slots", "2"]);
+    let ids: Vec<String> = (0..20)
+        .map(|i| {
+            let c = nodes[i % nodes.len()].client();
+            c.submit(&sh("sleep 0.3")).expect("submit").id
+        })
+        .collect();
+    let all = eventually(60, "every job ends on at least K nodes", || {
+        let all = listings(&nodes);
+        ids.iter()
+            .all(|id| {
+                all.get(id)
+                    .is_some_and(|l| l.len() >= K && l.iter().all(is_terminal))
+            })
+            .then_some(all)
+    });
+    // Placed, not everywhere: a job's document is on its K replicas, its submitter and
+    // its runner, at most 4 of the 6 nodes.
+    for id in &ids {
+        let held = all[id].len();
+        assert!((K..=K + 2).contains(&held), "job {id} on {held} nodes");
+        let outcomes: std::collections::BTreeSet<_> = all[id].iter().map(|s| s.outcome()).collect();
+        assert_eq!(outcomes.len(), 1, "holders disagree on {id}: {:?}", all[id]);
+        assert_eq!(all[id][0].state, "succeeded", "{:?}", all[id][0]);
+    }
+    // A job whose runner dies is taken over by another node that holds it.
+    let (sleeper, pid) = submit_sleeper(&nodes[0].client(), &dir.path().join("placed.pid"));
+    let runner = eventually(10, "the sleeper's runner is known", || {
+        listings(&nodes)
+            .get(&sleeper)?
+            .iter()
+            .find_map(|s| s.node.clone())
+    });
+    let victim = nodes
+        .iter()
+        .position(|n| n.id().as_deref() == Some(runner.as_str()))
+        .expect("the runner is one of ours");
+    nodes[victim].kill();
+    eventually(10, "the killed runner's execution is gone", || {
+        (!pid_alive(pid)).then_some(())
+    });
+    let taken = eventually(30, "the sleeper is taken over", || {
+        listings(&nodes).get(&sleeper)?.iter().find_map(|s| {
+            (s.state == "running" && s.node.as_deref() != Some(runner.as_str())).then(|| s.clone())
+        })
+    });
+    assert!(taken.attempts.len() >= 2, "{taken:?}");
+    let holder = nodes
+        .iter()
+        .filter(|n| n.is_running())
+        .find(|n| n.client().job(&sleeper).is_ok())
+        .expect("a live node holds the sleeper");
+    holder.client().cancel(&sleeper).expect("cancel");
+    // Every member must use the same setting: a node with another is refused, and says why.
+    let out = std::process::Command::new(&bin)
+        .args(["node", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+        .args(["--replicas", "3", "--join-timeout", "10s"])
+        .args(["--join", &holder.ticket])
+        .arg("--data-dir")
+        .arg(dir.path().join("other-replicas"))
+        .output()
+        .expect("run the mismatched node");
+    assert!(!out.status.success(), "a node with --replicas 3 joined");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--replicas 2"), "stderr: {err}");
+}

@@ -165,6 +165,9 @@ pub struct Transport {
     pub stats: Arc<NetStats>,
     /// Injected faults.
     pub faults: Arc<Faults>,
+    /// This cluster's replication setting ([`wire::NodeInfo::replicas`]): a peer with
+    /// another is refused, as one with the wrong secret is.
+    pub replicas: u32,
 }
 
 impl Transport {
@@ -335,6 +338,17 @@ impl Transport {
                 return;
             }
         };
+        if info.replicas != self.replicas {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let why = format!(
+                "this cluster runs with --replicas {}, the joining node with --replicas {}: \
+                 every member must use the same setting",
+                self.replicas, info.replicas
+            );
+            tracing::warn!(peer = %remote, "refused a connection: {why}");
+            conn.close(VarInt::from_u32(REFUSED), why.as_bytes());
+            return;
+        }
         let from = info.id;
         if self.partitioned(&conn) || self.events.send(NetEvent::Hello(info)).await.is_err() {
             return;

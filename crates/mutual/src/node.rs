@@ -25,6 +25,7 @@ use mutual_core::engine::{
 };
 use mutual_core::membership::Detector;
 use mutual_core::overlay;
+use mutual_core::placement::{self, Scheme};
 use mutual_core::view::Record;
 use mutual_core::{BlobRef, FencingToken, JobId, JobRequest, JobSpec, NodeId, Resources};
 use prometheus_client::metrics::histogram::Histogram;
@@ -49,6 +50,9 @@ pub const MAX_JOBS: usize = 1_000_000;
 /// 20 KiB each, so 512 are about 10 MiB; the others are held saved (under 1 KiB for a
 /// finished job) and loaded back when they change. See [`DocCache`].
 pub const DEFAULT_LIVE_DOCS: usize = 512;
+/// Largest `--replicas`: more copies than this cost what full replication costs without
+/// its simplicity.
+pub const MAX_REPLICAS: usize = 64;
 /// API requests queued for the actor.
 pub const API_QUEUE: usize = 1_024;
 /// Transport events queued for the actor.
@@ -136,6 +140,11 @@ pub struct NodeConfig {
     pub blob_copies: usize,
     /// Job documents kept live in memory (see [`DEFAULT_LIVE_DOCS`]).
     pub live_docs: usize,
+    /// 0: every node holds every job document (full replication, `design.md` §4's
+    /// choice below a thousand nodes). `k` > 0: each document lives on its `k`
+    /// XOR-closest live nodes and the nodes involved in it (`mutual_core::placement`).
+    /// Every member of a cluster must use the same value.
+    pub replicas: usize,
     /// Accept `POST /v1/debug/partition` and `POST /v1/debug/crash` (experiments and
     /// tests only).
     pub fault_injection: bool,
@@ -561,6 +570,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         events: net_tx,
         stats: stats.clone(),
         faults: Arc::new(net::Faults::default()),
+        replicas: cfg.replicas as u32,
     };
     {
         let t = transport.clone();
@@ -592,6 +602,10 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     let http = Some(format!("http://{}", cfg.http));
     let ring: Arc<[NodeId]> = Arc::from(vec![id]);
     let engine_timing = engine.timing();
+    let scheme = match cfg.replicas {
+        0 => Scheme::Full,
+        k => Scheme::Placed { k },
+    };
     let mut node = Node {
         id,
         det: Detector::new(0, ring, cfg.timing.failure_timeout_ms, now),
@@ -624,6 +638,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         containers,
         gpu_pool,
         alive_ring: vec![id],
+        scheme,
         neighbours: Vec::new(),
         probed_at: HashMap::new(),
         rtt: None,
@@ -687,6 +702,7 @@ fn placeholder_info(endpoint: [u8; 32], addrs: Vec<SocketAddr>) -> NodeInfo {
         containers: false,
         gpus: Vec::new(),
         running: Vec::new(),
+        replicas: 0,
     }
 }
 
@@ -794,6 +810,8 @@ struct Node {
     gpu_pool: gpu::Pool,
     /// This node and the members it believes alive, sorted: the ring the overlay is on.
     alive_ring: Vec<NodeId>,
+    /// Where job documents live (`--replicas`): on every node, or placed.
+    scheme: Scheme,
     /// Its overlay neighbours on that ring (see [`overlay::neighbours`]).
     neighbours: Vec<NodeId>,
     /// When each watched node was last probed, for round-trip samples.
@@ -939,7 +957,7 @@ impl Node {
         match ev {
             Internal::Durable { pushes, ack } => {
                 for (job, changes) in pushes {
-                    self.broadcast(Bcast::Changes { job, changes });
+                    self.push(job, changes, None);
                 }
                 match ack {
                     Some(Ack::Submit(job, reply)) => {
@@ -1277,6 +1295,7 @@ impl Node {
             containers: self.cfg.engine.containers,
             gpus: self.cfg.gpus.clone(),
             running,
+            replicas: self.cfg.replicas as u32,
         }
     }
 
@@ -1370,8 +1389,8 @@ impl Node {
             }
         }
         self.det = det;
-        let alive = self.det.alive_count();
-        self.feed(now, Event::ClusterSize(alive));
+        let n = self.claimants();
+        self.feed(now, Event::ClusterSize(n));
         self.refresh_overlay();
     }
 
@@ -1380,10 +1399,16 @@ impl Node {
     /// idle, and only those.
     fn refresh_overlay(&mut self) {
         let ring = self.det.ring();
-        self.alive_ring = (0..ring.len())
+        let alive: Vec<NodeId> = (0..ring.len())
             .filter(|p| self.det.is_alive(*p))
             .map(|p| ring[p])
             .collect();
+        let before = std::mem::replace(&mut self.alive_ring, alive);
+        if let Scheme::Placed { k } = self.scheme
+            && before != self.alive_ring
+        {
+            self.hand_off(&before, k);
+        }
         self.neighbours = overlay::neighbours(&self.alive_ring, self.id);
         for (id, link) in &self.links {
             link.set_keep(self.neighbours.binary_search(id).is_ok());
@@ -1420,7 +1445,7 @@ impl Node {
         };
         self.refresh_overlay();
         self.feed(now, ev);
-        let n = self.det.alive_count();
+        let n = self.claimants();
         self.feed(now, Event::ClusterSize(n));
     }
 
@@ -1447,6 +1472,100 @@ impl Node {
                 *limit = sub;
             }
             self.send(&to, &msg);
+        }
+    }
+
+    /// How many nodes may claim a job, for the engine's rendezvous delay: every live
+    /// node, or under placement the job's replicas and the node it was submitted to.
+    fn claimants(&self) -> usize {
+        let alive = self.det.alive_count();
+        match self.scheme {
+            Scheme::Full => alive,
+            Scheme::Placed { k } => alive.min(k + 1),
+        }
+    }
+
+    /// The other nodes that hold `job`'s document under placement: its `k` replicas in
+    /// this node's view and every live node that wrote to it (its submitter, claimants
+    /// and runners, wherever they are on the ring).
+    fn holders(&self, job: &JobId, k: usize) -> Vec<NodeId> {
+        let mut out = placement::replicas(&self.alive_ring, *job, k);
+        if let Some(v) = self.engine.view(job) {
+            out.extend(
+                v.records()
+                    .map(|r| r.writer())
+                    .filter(|w| self.members.get(w).is_some_and(|m| m.alive)),
+            );
+        }
+        out.sort();
+        out.dedup();
+        out.retain(|n| *n != self.id);
+        out
+    }
+
+    /// Pushes new changes of `job`: down the broadcast tree under full replication; under
+    /// placement straight to its holders except `from` (whose changes these are), asking
+    /// them to answer with what they hold and this node lacks only when this node wrote
+    /// them. A holder relays a write it learns from the writer, once, so two writers whose
+    /// views of the holders differ (a concurrent claim from a node that just joined, say)
+    /// still see each other's records within two hops, inside the settle window.
+    fn push(&self, job: JobId, changes: Vec<Vec<u8>>, from: Option<NodeId>) {
+        let Scheme::Placed { k } = self.scheme else {
+            self.broadcast(Bcast::Changes { job, changes });
+            return;
+        };
+        let msg = Msg::Changes {
+            job,
+            changes,
+            fingerprint: self.engine.view(&job).map_or(0, |v| v.fingerprint()),
+            answer: from.is_none(),
+        };
+        let to: Vec<NodeId> = self
+            .holders(&job, k)
+            .into_iter()
+            .filter(|n| Some(*n) != from)
+            .collect();
+        self.send_all(&to, &msg);
+    }
+
+    /// Sends one message to several members, encoding it once.
+    fn send_all(&self, to: &[NodeId], msg: &Msg) {
+        let frame = match wire::encode(msg) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                tracing::error!("cannot encode a message: {e}");
+                return;
+            }
+        };
+        for n in to {
+            if let Some(link) = self.links.get(n) {
+                link.send(frame.clone(), &self.stats);
+            }
+        }
+    }
+
+    /// Under placement, after the live ring changed from `before`: sends each document
+    /// this node is to hand off (`placement::handoff`) to its new replicas — when this
+    /// node is the closest old replica still alive, or when no old replica is and this
+    /// node holds it as one of the nodes involved.
+    fn hand_off(&mut self, before: &[NodeId], k: usize) {
+        let jobs: Vec<JobId> = self.docs.ids().copied().collect();
+        for job in jobs {
+            let h = placement::handoff(before, &self.alive_ring, job, k);
+            let to: Vec<NodeId> = h.to.into_iter().filter(|n| *n != self.id).collect();
+            if to.is_empty() || h.sender.is_some_and(|s| s != self.id) {
+                continue;
+            }
+            let Some(saved) = self.docs.saved(&job) else {
+                continue;
+            };
+            let msg = Msg::Changes {
+                job,
+                changes: vec![saved],
+                fingerprint: self.engine.view(&job).map_or(0, |v| v.fingerprint()),
+                answer: false,
+            };
+            self.send_all(&to, &msg);
         }
     }
 
@@ -1585,7 +1704,7 @@ impl Node {
 
     /// Sends this node's anti-entropy digest to `to`.
     fn send_digest(&self, to: &NodeId, reply: bool) {
-        let jobs = self.digest();
+        let jobs = self.digest(to);
         let catching_up = self.engine.is_passive();
         self.send(
             to,
@@ -1597,12 +1716,38 @@ impl Node {
         );
     }
 
-    fn digest(&self) -> Vec<(JobId, u64)> {
+    /// Fingerprints of the jobs `peer` should hold too: all of them under full
+    /// replication, under placement those it is a holder of in this node's view.
+    fn digest(&self, peer: &NodeId) -> Vec<(JobId, u64)> {
         self.engine
             .views()
+            .filter(|(id, _)| self.shares(id, peer))
             .take(wire::MAX_DIGEST_JOBS)
             .map(|(id, v)| (*id, v.fingerprint()))
             .collect()
+    }
+
+    /// Whether `peer` should hold `job`'s document (so anti-entropy compares it).
+    fn shares(&self, job: &JobId, peer: &NodeId) -> bool {
+        match self.scheme {
+            Scheme::Full => true,
+            Scheme::Placed { k } => self.holders(job, k).contains(peer),
+        }
+    }
+
+    /// A partner for job anti-entropy: an overlay neighbour under full replication; under
+    /// placement another holder of a random job this node holds, so every round compares
+    /// documents both should have.
+    fn ae_partner(&self) -> Option<NodeId> {
+        let Scheme::Placed { k } = self.scheme else {
+            return self.random_neighbour();
+        };
+        let job = self
+            .engine
+            .views()
+            .map(|(id, _)| *id)
+            .choose(&mut rand::rng())?;
+        self.holders(&job, k).into_iter().choose(&mut rand::rng())
     }
 
     fn ae_tick(&mut self) {
@@ -1626,8 +1771,10 @@ impl Node {
         {
             self.send(&dead, &Msg::Probe);
         }
-        if let Some(peer) = self.random_neighbour() {
+        if let Some(peer) = self.ae_partner() {
             self.send_digest(&peer, true);
+        }
+        if let Some(peer) = self.random_neighbour() {
             // Membership anti-entropy rides along: it heals one-sided member views. Only
             // a hash travels; the lists follow only where the views differ.
             let hash = self.member_hash();
@@ -1767,12 +1914,16 @@ impl Node {
                 let theirs: HashMap<JobId, u64> =
                     jobs.into_iter().take(wire::MAX_DIGEST_JOBS).collect();
                 let caught_up = !self.engine.is_passive();
-                let pacer = &mut self.ae_pacer;
                 let differ: Vec<JobId> = self
                     .engine
                     .views()
                     .filter(|(id, v)| theirs.get(id) != Some(&v.fingerprint()))
+                    .filter(|(id, _)| theirs.contains_key(id) || self.shares(id, &from))
                     .map(|(id, _)| *id)
+                    .collect();
+                let pacer = &mut self.ae_pacer;
+                let differ: Vec<JobId> = differ
+                    .into_iter()
                     .filter(|id| pacer.should_send(*id, now, catching_up))
                     .collect();
                 let mut batch = Vec::new();
@@ -1805,6 +1956,33 @@ impl Node {
                     }
                 }
             }
+            Msg::Changes {
+                job,
+                changes,
+                fingerprint,
+                answer,
+            } => {
+                let relay = answer.then(|| changes.clone());
+                let changed = self.receive(job, changes, Kind::Change, now);
+                if let Some(relay) = relay
+                    && changed
+                {
+                    self.push(job, relay, Some(from));
+                }
+                let mine = self.engine.view(&job).map(|v| v.fingerprint());
+                if answer
+                    && mine.is_some_and(|f| f != fingerprint)
+                    && let Some(saved) = self.docs.saved(&job)
+                {
+                    let msg = Msg::Changes {
+                        job,
+                        changes: vec![saved],
+                        fingerprint: mine.unwrap_or(0),
+                        answer: false,
+                    };
+                    self.send(&from, &msg);
+                }
+            }
             Msg::Docs { docs, caught_up } => {
                 for (job, bytes) in docs.into_iter().take(wire::MAX_DOCS_PER_MSG) {
                     self.receive(job, vec![bytes], Kind::Doc, now);
@@ -1822,7 +2000,9 @@ impl Node {
             // Relayed: it may be another member's info (a joiner announced by the member
             // it joined through); `ensure_member` keeps only newer versions.
             Bcast::Info(info) => self.ensure_member(*info, now),
-            Bcast::Changes { job, changes } => self.receive(job, changes, Kind::Change, now),
+            Bcast::Changes { job, changes } => {
+                self.receive(job, changes, Kind::Change, now);
+            }
             Bcast::Down(x) => {
                 if x == self.id {
                     self.broadcast(Bcast::Up(self.id));
@@ -1839,17 +2019,17 @@ impl Node {
     }
 
     /// Applies changes (or a saved document) from a peer, persists them, and hands the
-    /// engine the records it did not have.
-    fn receive(&mut self, job: JobId, chunks: Vec<Vec<u8>>, kind: Kind, now: u64) {
+    /// engine the records it did not have. Returns whether the document changed.
+    fn receive(&mut self, job: JobId, chunks: Vec<Vec<u8>>, kind: Kind, now: u64) -> bool {
         if !self.docs.contains(&job) && self.docs.len() >= MAX_JOBS {
             tracing::warn!(%job, "refusing a new job from a peer: this node holds {MAX_JOBS} jobs");
-            return;
+            return false;
         }
         let doc = match self.docs.get_or_empty(job) {
             Ok(doc) => doc,
             Err(e) => {
                 tracing::error!(%job, "cannot load this job's saved document: {e}");
-                return;
+                return false;
             }
         };
         let before = doc.heads();
@@ -1876,11 +2056,13 @@ impl Node {
             }
         } else {
             // Before the creator's first change arrives the document does not decode yet.
-            let Ok(view) = doc.view() else { return };
+            let Ok(view) = doc.view() else {
+                return changed;
+            };
             if view.spec.as_ref().is_some_and(|s| s.id != job) {
                 tracing::warn!(%job, "a peer sent a document whose spec names another job");
                 self.docs.remove(&job);
-                return;
+                return false;
             }
             view.records().collect()
         };
@@ -1895,7 +2077,7 @@ impl Node {
             self.wal_bytes += self.store.append_unsynced(frames);
         }
         if records.is_empty() {
-            return;
+            return changed;
         }
         let mut writers: Vec<NodeId> = records.iter().map(|r| r.writer()).collect();
         writers.sort();
@@ -1920,6 +2102,7 @@ impl Node {
                 self.mark(w, true, now);
             }
         }
+        changed
     }
 
     // ---- API -----------------------------------------------------------------------

@@ -112,6 +112,18 @@ pub struct NodeArgs {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
               .range(1..=mutual::node::MAX_JOBS as u64))]
     live_docs: usize,
+    /// Keep each job's document on K nodes — its K XOR-closest live nodes and the nodes
+    /// involved in it (its submitter, claimants and runners) — instead of on every node.
+    /// 0, the default, is full replication, the design's choice up to about a thousand
+    /// nodes: any node answers for any job, and a job survives while one node does. K > 0
+    /// keeps each node's work per job independent of the cluster's size (hundreds of
+    /// nodes on one machine, or thousands of machines), at a price: a job runs only on
+    /// a node that holds it, a node lists only the jobs it holds, and losing K nodes
+    /// before a hand-off completes can lose a job. Every member must use the same value.
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+              .range(0..=mutual::node::MAX_REPLICAS as u64))]
+    replicas: usize,
     /// Records stamped further ahead of this node's clock than this are refused until the
     /// clock catches up, so one node with a clock far ahead cannot win every claim. Must
     /// exceed the worst clock difference between two members.
@@ -267,6 +279,7 @@ async fn launch(
         checkpoint_interval_ms: a.checkpoint_interval.max(1),
         blob_copies: a.blob_copies,
         live_docs: a.live_docs,
+        replicas: a.replicas,
         fault_injection: a.fault_injection,
         halt,
     };

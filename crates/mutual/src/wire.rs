@@ -59,6 +59,9 @@ pub struct NodeInfo {
     pub gpus: Vec<crate::gpu::Gpu>,
     /// Jobs it runs now (at most [`MAX_RUNNING_LISTED`]).
     pub running: Vec<JobId>,
+    /// Its cluster's replication setting: 0 when every node holds every job document,
+    /// else the `k` of `mutual_core::placement` (`--replicas`). Every member must agree.
+    pub replicas: u32,
 }
 
 /// One message between nodes.
@@ -106,6 +109,21 @@ pub enum Msg {
         /// The sender is restarting and waits to catch up: send every document that
         /// differs, recently changed ones included.
         catching_up: bool,
+    },
+    /// New changes of one job document, sent straight to the nodes that hold it (the
+    /// placed scheme, `--replicas`; under full replication they go down the broadcast
+    /// tree as [`Bcast::Changes`]).
+    Changes {
+        /// The job.
+        job: JobId,
+        /// Encoded automerge changes (or a whole saved document), in order.
+        changes: Vec<Vec<u8>>,
+        /// The fingerprint of the sender's record set once these were in it.
+        fingerprint: u64,
+        /// Whether a receiver whose record set then differs should send the sender its
+        /// whole document (the writer of a record learns, within a round trip, any
+        /// record a holder had that it lacked: a concurrent claim, above all).
+        answer: bool,
     },
     /// Anti-entropy: whole saved documents the receiver lacks or differs on.
     Docs {
