@@ -2008,6 +2008,14 @@ impl Node {
                     self.broadcast(Bcast::Up(self.id));
                 } else {
                     self.mark(x, false, now);
+                    // Under full replication the watcher that judged `x` holds all its
+                    // jobs and expires them at once; the others wait a grace period for a
+                    // refutation (the sweep). Under placement the watcher rarely holds
+                    // them, so their holders act on the judgement as on their own: what
+                    // one watcher's judgement does under full replication, no more.
+                    if matches!(self.scheme, Scheme::Placed { .. }) {
+                        self.feed(now, Event::Suspect(x));
+                    }
                 }
             }
             Bcast::Up(x) => {

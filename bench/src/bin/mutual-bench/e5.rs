@@ -269,7 +269,7 @@ fn run_one(
         .iter()
         .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
         .count();
-    let disagree = duplicate_results(nodes.iter(), &all_ids)?;
+    let disagree = duplicate_results(nodes.iter(), &all_ids, false)?;
     let dup_exec = duplicate_executions(&markers, &all_ids, &done);
     let mut clock_rejections = 0;
     for node in &nodes {

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use mutual::client::Client;
+use mutual::types::JobStatus;
 use mutual_bench::plot::{Chart, Series, csv, line_chart};
 use mutual_bench::{
     command_line, machine, mutual_bin, process_cpu_s, process_peak_rss_mib, results_dir,
@@ -58,6 +60,12 @@ pub struct RunArgs {
     /// flush). Hundreds of agents fit on one machine only this way.
     #[arg(long, default_value_t = 1)]
     per_process: usize,
+    /// Run the agents with `--replicas K`: each job's document on its K XOR-closest
+    /// nodes and the nodes involved in it instead of on every node (0: full replication,
+    /// the default). The run then reads the jobs from every node, merged, since no node
+    /// holds them all.
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
     /// An extra argument for every `mutual node` (repeatable), e.g.
     /// `--node-arg=--probe-interval=100ms` to trade detection speed for probe CPU.
     #[arg(long, allow_hyphen_values = true)]
@@ -107,10 +115,52 @@ pub struct E2Args {
     run: RunArgs,
 }
 
+/// Where a run reads the jobs' states: one node under full replication (it holds them
+/// all); under placement every node, merged.
+enum Observer {
+    One(Client),
+    All(Vec<Client>),
+}
+
+impl Observer {
+    /// Every job the observed nodes hold; where several hold one, the furthest along
+    /// (ended, then the most attempts, then running).
+    fn jobs(&self) -> anyhow::Result<BTreeMap<String, JobStatus>> {
+        let clients = match self {
+            Observer::One(c) => return by_id(c),
+            Observer::All(cs) => cs,
+        };
+        let progress = |s: &JobStatus| (is_terminal(s), s.attempts.len(), s.state == "running");
+        let mut out: BTreeMap<String, JobStatus> = BTreeMap::new();
+        // Killed nodes do not answer: what they held is on the other holders.
+        for list in clients.iter().filter_map(|c| c.jobs(None).ok()) {
+            for s in list {
+                match out.get(&s.id) {
+                    Some(have) if progress(have) >= progress(&s) => {}
+                    _ => {
+                        out.insert(s.id.clone(), s);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How long to wait between looks: asking every node costs each of them a request.
+    fn poll(&self) -> Duration {
+        match self {
+            Observer::One(_) => Duration::from_millis(50),
+            Observer::All(_) => Duration::from_secs(1),
+        }
+    }
+}
+
 /// One run's figures.
 struct Run {
     agents: usize,
     per_process: usize,
+    /// `--replicas` (0: full replication).
+    replicas: usize,
     slots: u32,
     node_args: Vec<String>,
     kill_pct: u32,
@@ -134,7 +184,7 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-const CSV_HEADER: [&str; 22] = [
+const CSV_HEADER: [&str; 23] = [
     "n",
     "slots",
     "kill_pct",
@@ -157,6 +207,7 @@ const CSV_HEADER: [&str; 22] = [
     "per_node_cpu_cores_mean",
     "drain_s",
     "nodes_per_process",
+    "replicas",
 ];
 
 fn csv_row(r: &Run) -> Vec<String> {
@@ -185,6 +236,7 @@ fn csv_row(r: &Run) -> Vec<String> {
         mean(&r.cpu_cores_per_node).map_or(String::new(), |v| format!("{v:.4}")),
         format!("{:.1}", r.drain_s),
         r.per_process.to_string(),
+        r.replicas.to_string(),
     ]
 }
 
@@ -206,6 +258,7 @@ fn summarize(rs: &[&Run]) -> Value {
         "n": rs.first().map(|r| r.agents),
         "slots_per_agent": rs.first().map(|r| r.slots),
         "nodes_per_process": rs.first().map(|r| r.per_process),
+        "replicas": rs.first().map(|r| r.replicas),
         "kill_pct": rs.first().map(|r| r.kill_pct),
         "jobs": jobs / rs.len().max(1),
         "repetitions": rs.len(),
@@ -395,6 +448,9 @@ fn run(
     std::fs::create_dir_all(&markers)?;
     let mut node_args: Vec<String> = vec!["--containers".into(), "off".into()];
     node_args.extend(["--slots".into(), slots.to_string()]);
+    if a.replicas > 0 {
+        node_args.extend(["--replicas".into(), a.replicas.to_string()]);
+    }
     node_args.extend(a.node_arg.iter().cloned());
     let mut nodes = if a.per_process > 1 {
         mutual::harness::start_hosted_cluster(bin, root.path(), agents, a.per_process, &node_args)?
@@ -422,19 +478,27 @@ fn run(
     }
     // Kill once every job is submitted and at least one job per agent runs: the victims
     // hold running jobs.
-    let observer = nodes[0].client();
+    let observer = if a.replicas > 0 {
+        Observer::All(nodes.iter().map(|n| n.client()).collect())
+    } else {
+        Observer::One(nodes[0].client())
+    };
     let deadline = Instant::now() + Duration::from_secs(300);
-    while observer.jobs(Some("running"))?.len() < agents.min(jobs) {
+    let running: BTreeMap<String, String> = loop {
+        let running: BTreeMap<String, String> = observer
+            .jobs()?
+            .into_values()
+            .filter(|s| s.state == "running")
+            .filter_map(|s| Some((s.id.clone(), s.node?)))
+            .collect();
+        if running.len() >= agents.min(jobs) {
+            break running;
+        }
         if Instant::now() > deadline {
             bail!("jobs did not start");
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let running: BTreeMap<String, String> = observer
-        .jobs(Some("running"))?
-        .into_iter()
-        .filter_map(|s| Some((s.id.clone(), s.node?)))
-        .collect();
+        std::thread::sleep(observer.poll());
+    };
     let killed = (agents * kill_pct as usize).div_ceil(100);
     // Deterministic per (fraction, repetition); node 0 observes and survives.
     let mut order: Vec<usize> = (1..agents).collect();
@@ -452,11 +516,11 @@ fn run(
     });
     let deadline = Instant::now() + Duration::from_secs(600);
     let done = loop {
-        let all = by_id(&observer)?;
+        let all = observer.jobs()?;
         if ids.iter().all(|id| all.get(id).is_some_and(is_terminal)) || Instant::now() > deadline {
             break all;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(observer.poll().max(Duration::from_millis(200)));
     };
     let drain_s = began.elapsed().as_secs_f64();
     let succeeded = ids
@@ -511,12 +575,17 @@ fn run(
             peak_rss_mib.push(rss);
         }
     }
-    let disagree = duplicate_results(nodes.iter().filter(|n| n.is_running()), &ids)?;
+    let disagree = duplicate_results(
+        nodes.iter().filter(|n| n.is_running()),
+        &ids,
+        a.replicas > 0,
+    )?;
     let duplicate_executions = duplicate_executions(&markers, &ids, &done);
     drop(nodes.drain(..));
     Ok(Run {
         agents,
         per_process: a.per_process,
+        replicas: a.replicas,
         slots,
         node_args: a.node_arg.clone(),
         kill_pct,
