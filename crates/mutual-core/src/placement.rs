@@ -28,7 +28,10 @@
 //! Views that disagree (a death not yet known everywhere) make writers send to slightly
 //! different sets: a send to a dead node is lost while the rest of the set has the change,
 //! and anti-entropy between replicas repairs the difference. Placement decides where data
-//! lives; it never decides a claim (the engine's rules do not change).
+//! lives and so which nodes can claim a job (those that hold it); the engine's rules do
+//! not change. What `mutual node --replicas k` adds so a claim still reaches every other
+//! claimant within the settle window (relay once, answer the writer) is in
+//! `docs/invariants.md`.
 
 use crate::ids::{JobId, NodeId};
 
@@ -130,6 +133,25 @@ pub fn holds(scheme: Scheme, ring: &[NodeId], job: JobId, me: &NodeId) -> bool {
     }
 }
 
+/// The up to `k` nodes on either side of `me` on the sorted `ring` (`me` excluded, each
+/// node once). A job's replicas all share a prefix with it, so they lie close together on
+/// the ring (within the run of nodes sharing that prefix, about `2k` of them): most of the
+/// other replicas of the jobs `me` holds as a replica are among these, and anti-entropy
+/// with them repairs what a write under a stale view, or a hand-off racing a write, left
+/// out.
+pub fn ring_neighbours(ring: &[NodeId], me: &NodeId, k: usize) -> Vec<NodeId> {
+    let n = ring.len();
+    let at = ring.partition_point(|x| x < me);
+    let mut out: Vec<NodeId> = (1..=k)
+        .flat_map(|d| [(at + d) % n.max(1), (at + n * k - d) % n.max(1)])
+        .filter_map(|p| ring.get(p).copied())
+        .filter(|x| x != me)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// What a change of the live ring from `before` to `after` asks of one job's document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Handoff {
@@ -211,6 +233,39 @@ mod tests {
         assert_eq!(got.len(), 3);
         assert_eq!(got, brute(&r, job(5), REPLICAS));
         assert!(replicas(&[], job(5), REPLICAS).is_empty());
+    }
+
+    #[test]
+    fn ring_neighbours_are_the_k_nearest_on_each_side() {
+        let r = ring(0..50);
+        for (at, me) in r.iter().enumerate() {
+            let near = ring_neighbours(&r, me, 3);
+            let mut want: Vec<NodeId> = [1, 2, 3, 47, 48, 49]
+                .iter()
+                .map(|d| r[(at + d) % 50])
+                .collect();
+            want.sort();
+            assert_eq!(near, want);
+        }
+        // A ring smaller than 2k + 1: everyone else, once.
+        let small = ring(0..4);
+        assert_eq!(ring_neighbours(&small, &small[0], 3), small[1..].to_vec());
+        assert!(ring_neighbours(&small[..1], &small[0], 3).is_empty());
+        // Most of the other replicas of a node's jobs are among them (anti-entropy relies
+        // on it; the rest are reached through the job-by-job round).
+        let big = ring(0..2_000);
+        let (mut near, mut all) = (0usize, 0usize);
+        for j in 0..2_000u64 {
+            let job = job(j);
+            let reps = replicas(&big, job, REPLICAS);
+            let n = ring_neighbours(&big, &reps[0], REPLICAS);
+            all += reps.len() - 1;
+            near += reps[1..].iter().filter(|x| n.contains(x)).count();
+        }
+        assert!(
+            near * 10 >= all * 9,
+            "{near} of {all} replicas within k ring places"
+        );
     }
 
     #[test]

@@ -20,7 +20,10 @@
 //!   paced as `mutual node` paces it ([`mutual_core::anti_entropy`]: jobs that just
 //!   changed wait out the settle window, for the pushes in flight).
 //!   Full replication is what the product does up to about a thousand nodes; it is also
-//!   what dominates the cost of large runs (see `bench/results/`).
+//!   what dominates the cost of large runs (see `bench/results/`). With `--replicas k`
+//!   records go only to each job's holders, as `mutual node --replicas k` sends them
+//!   (see [`SimConfig::replicas`]), and the end-of-run checks compare the nodes that hold
+//!   each job.
 //!
 //! A run has a **safety phase** with faults, in which the invariant checkers of
 //! [`mutual_core::invariants`] run after every step on the node and job that changed, and
@@ -118,6 +121,12 @@ pub struct SimConfig {
     /// anti-entropy carries saved documents, crashes keep the documents) instead of typed
     /// records. About 100x slower: for small clusters.
     pub automerge: bool,
+    /// 0: every record goes to every node (full replication). `k` > 0: as `mutual node
+    /// --replicas k` does, each job's records go to its `k` XOR-closest live nodes in the
+    /// writer's view and the nodes that wrote to it; holders relay a writer's record once
+    /// and answer a writer whose record set differs; the live ring's changes hand the job
+    /// off to new replicas; anti-entropy compares only jobs both sides should hold.
+    pub replicas: usize,
     /// Deliberately break the protocol, to show the checkers catch it.
     pub buggify: Option<Buggify>,
 }
@@ -161,6 +170,7 @@ impl Default for SimConfig {
             rank_step_ms: 2,
             max_drift_ms: 500,
             automerge: false,
+            replicas: 0,
             buggify: None,
         }
     }
@@ -207,6 +217,7 @@ impl SimConfig {
         if self.automerge {
             s.push_str(" --automerge");
         }
+        flag!(replicas, "replicas");
         if let Some(Buggify::RogueResults) = self.buggify {
             s.push_str(" --buggify rogue-results");
         }
@@ -296,6 +307,16 @@ enum Msg {
     Records {
         job: JobId,
         payload: Payload,
+    },
+    /// Under placement: records sent straight to a job's holders (`wire::Msg::Changes`).
+    Placed {
+        job: JobId,
+        payload: Payload,
+        /// The sender's fingerprint of the job once the payload was in it.
+        fingerprint: u64,
+        /// `wire::Msg::Changes::reply`: 2 from the writer (relay once, answer if the sets
+        /// differ), 1 on an answer (answer back if they still differ), 0 otherwise.
+        reply: u8,
     },
     Probe,
     Ack,
@@ -408,6 +429,8 @@ struct SimNode {
     passive_rounds: u32,
     /// Which differing jobs anti-entropy sends now, as in `mutual node`.
     ae_pacer: Pacer,
+    /// Under placement: the held job whose holders the next anti-entropy round asks.
+    ae_cursor: usize,
     execs: HashMap<JobId, RunningExec>,
     killed: bool,
     group: u8,
@@ -540,6 +563,7 @@ impl Sim {
                 det: Detector::new(pos, ring.clone(), cfg.fd_timeout_ms, 0),
                 passive_rounds: 0,
                 ae_pacer: Pacer::new(cfg.settle_ms),
+                ae_cursor: 0,
                 execs: HashMap::new(),
                 killed: false,
                 group: 0,
@@ -792,7 +816,7 @@ impl Sim {
             None => (Engine::new(id, cfg, local), Vec::new()),
             Some(v) => Engine::restart(id, cfg, v, local),
         };
-        let alive = self.nodes[i as usize].det.alive_count();
+        let alive = self.claimants(i);
         // The first handle() also returns what Engine::new queued (its sweep timer).
         let more = engine
             .handle(local, Event::ClusterSize(alive))
@@ -868,7 +892,11 @@ impl Sim {
                     }
                     let payload = self.encode_write(i, job, record);
                     self.nodes[i as usize].ae_pacer.changed(job, self.now);
-                    self.broadcast(i, Msg::Records { job, payload });
+                    if self.cfg.replicas > 0 {
+                        self.push(i, job, payload, None);
+                    } else {
+                        self.broadcast(i, Msg::Records { job, payload });
+                    }
                     touched.push(job);
                 }
                 Command::Start { job, token, .. } => {
@@ -1409,6 +1437,7 @@ impl Sim {
             ),
         );
         let id = self.nodes[t as usize].id;
+        let before = (self.cfg.replicas > 0).then(|| self.alive_ring(i));
         if !self.nodes[i as usize].det.set(t as usize, alive, self.now) {
             if !alive {
                 // The engine may have dropped an older judgement on evidence of life (a
@@ -1417,7 +1446,7 @@ impl Sim {
             }
             return;
         }
-        let count = self.nodes[i as usize].det.alive_count();
+        let count = self.claimants(i);
         let ev = if alive {
             Event::MemberUp(id)
         } else {
@@ -1425,14 +1454,196 @@ impl Sim {
         };
         self.feed(i, ev, None);
         self.feed(i, Event::ClusterSize(count), None);
+        if let Some(before) = before {
+            self.hand_off(i, &before);
+        }
     }
 
-    fn digest(&self, i: u32) -> Vec<(JobId, u64)> {
+    /// Nodes that may claim a job, for the rendezvous delay (as `mutual node` counts).
+    fn claimants(&self, i: u32) -> usize {
+        let alive = self.nodes[i as usize].det.alive_count();
+        match self.cfg.replicas {
+            0 => alive,
+            k => alive.min(k + 1),
+        }
+    }
+
+    /// Node `i` and the nodes it believes alive, sorted by id.
+    fn alive_ring(&self, i: u32) -> Vec<NodeId> {
+        let det = &self.nodes[i as usize].det;
+        (0..self.ring.len())
+            .filter(|p| *p == i as usize || det.is_alive(*p))
+            .map(|p| self.ring[p])
+            .collect()
+    }
+
+    /// Under placement: the other nodes that hold `job` in node `i`'s view — its replicas
+    /// and every live writer of its records.
+    fn holders(&self, i: u32, job: &JobId) -> Vec<u32> {
+        self.holders_on(i, job, &self.alive_ring(i))
+    }
+
+    /// [`Self::holders`] on a given live ring (sorted ids, `i` included).
+    fn holders_on(&self, i: u32, job: &JobId, ring: &[NodeId]) -> Vec<u32> {
+        let k = self.cfg.replicas;
+        let mut out: Vec<u32> = mutual_core::placement::replicas(ring, *job, k)
+            .iter()
+            .map(|n| self.index[n])
+            .collect();
+        if let Some(v) = self.nodes[i as usize]
+            .engine
+            .as_ref()
+            .and_then(|e| e.view(job))
+        {
+            out.extend(
+                v.records()
+                    .map(|r| r.writer())
+                    .filter(|w| ring.binary_search(w).is_ok())
+                    .map(|w| self.index[&w]),
+            );
+        }
+        out.sort_unstable();
+        out.dedup();
+        out.retain(|n| *n != i);
+        out
+    }
+
+    /// Node `i`'s whole record set for `job`: its records, or its saved document.
+    fn full_state(&mut self, i: u32, job: &JobId) -> Option<Payload> {
+        let node = &mut self.nodes[i as usize];
+        if self.cfg.automerge {
+            return node.docs.saved(job).map(|d| Payload::Doc(Rc::new(d)));
+        }
+        let view = node.engine.as_ref()?.view(job)?;
+        Some(Payload::Records(Rc::new(view.records().collect())))
+    }
+
+    fn fingerprint(&self, i: u32, job: &JobId) -> Option<u64> {
         self.nodes[i as usize]
             .engine
             .as_ref()
-            .map(|e| e.views().map(|(id, v)| (*id, v.fingerprint())).collect())
+            .and_then(|e| e.view(job))
+            .map(|v| v.fingerprint())
+    }
+
+    /// Under placement: sends `payload` to `job`'s holders except `from` (see
+    /// `mutual node`'s `push`).
+    fn push(&mut self, i: u32, job: JobId, payload: Payload, from: Option<u32>) {
+        let fingerprint = self.fingerprint(i, &job).unwrap_or(0);
+        for to in self.holders(i, &job) {
+            if Some(to) != from {
+                let msg = Msg::Placed {
+                    job,
+                    payload: payload.clone(),
+                    fingerprint,
+                    reply: if from.is_none() { 2 } else { 0 },
+                };
+                self.send(i, to, msg);
+            }
+        }
+    }
+
+    /// Under placement, after node `i`'s live ring changed from `before`: sends the jobs it
+    /// is to hand off to their new replicas (`placement::handoff`).
+    fn hand_off(&mut self, i: u32, before: &[NodeId]) {
+        let after = self.alive_ring(i);
+        if after == before {
+            return;
+        }
+        let me = self.nodes[i as usize].id;
+        let jobs: Vec<JobId> = self.nodes[i as usize]
+            .engine
+            .as_ref()
+            .map(|e| e.views().map(|(id, _)| *id).collect())
+            .unwrap_or_default();
+        for job in jobs {
+            let h = mutual_core::placement::handoff(before, &after, job, self.cfg.replicas);
+            if h.sender.is_some_and(|s| s != me) {
+                continue;
+            }
+            // New holders: new replicas, and nodes involved in the job that came back.
+            let old = self.holders_on(i, &job, before);
+            let to: Vec<u32> = self
+                .holders_on(i, &job, &after)
+                .into_iter()
+                .filter(|n| !old.contains(n))
+                .collect();
+            if to.is_empty() {
+                continue;
+            }
+            let Some(payload) = self.full_state(i, &job) else {
+                continue;
+            };
+            let fingerprint = self.fingerprint(i, &job).unwrap_or(0);
+            for t in to {
+                let msg = Msg::Placed {
+                    job,
+                    payload: payload.clone(),
+                    fingerprint,
+                    reply: 0,
+                };
+                self.send(i, t, msg);
+            }
+        }
+    }
+
+    /// Fingerprints of the jobs node `i` holds that `peer` should hold too.
+    fn digest(&self, i: u32, peer: u32) -> Vec<(JobId, u64)> {
+        self.nodes[i as usize]
+            .engine
+            .as_ref()
+            .map(|e| {
+                e.views()
+                    .filter(|(id, _)| self.shares(i, id, peer))
+                    .map(|(id, v)| (*id, v.fingerprint()))
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// Whether, in node `i`'s view, `peer` should hold `job`.
+    fn shares(&self, i: u32, job: &JobId, peer: u32) -> bool {
+        self.cfg.replicas == 0 || self.holders(i, job).contains(&peer)
+    }
+
+    /// Node `i`'s anti-entropy partners this round. Under full replication one random
+    /// node it believes alive. Under placement, as `mutual node` picks them: one of its
+    /// `k` live ring neighbours on either side (who hold most of the jobs it holds as a
+    /// replica), and every other holder of the next job in turn (the nodes involved in a
+    /// job are anywhere on the ring), so each job is compared with each of its holders
+    /// once per pass over the jobs held.
+    fn ae_partners(&mut self, i: u32) -> Vec<u32> {
+        let n = self.nodes.len() as u32;
+        if self.cfg.replicas == 0 {
+            for _ in 0..8 {
+                let j = self.rng.random_range(0..n.max(1));
+                if j != i && self.nodes[i as usize].det.is_alive(j as usize) {
+                    return vec![j];
+                }
+            }
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let ring = self.alive_ring(i);
+        let me = self.nodes[i as usize].id;
+        let near = mutual_core::placement::ring_neighbours(&ring, &me, self.cfg.replicas);
+        if !near.is_empty() {
+            out.push(self.index[&near[self.rng.random_range(0..near.len())]]);
+        }
+        let jobs: Vec<JobId> = self.nodes[i as usize]
+            .engine
+            .as_ref()
+            .map(|e| e.views().map(|(id, _)| *id).collect())
+            .unwrap_or_default();
+        if !jobs.is_empty() {
+            let node = &mut self.nodes[i as usize];
+            let job = jobs[node.ae_cursor % jobs.len()];
+            node.ae_cursor = node.ae_cursor.wrapping_add(1);
+            out.extend(self.holders(i, &job));
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     fn ae_tick(&mut self, i: u32, inc: u32) {
@@ -1451,24 +1662,31 @@ impl Sim {
         }
         let now = self.now;
         self.nodes[i as usize].ae_pacer.tick(now);
-        let n = self.nodes.len() as u32;
-        if n > 1 {
-            for _ in 0..8 {
-                let j = self.rng.random_range(0..n);
-                if j != i && self.nodes[i as usize].det.is_alive(j as usize) {
-                    let digest = Rc::new(self.digest(i));
-                    let catching_up = passive;
-                    self.send(
-                        i,
-                        j,
-                        Msg::AeDigest {
-                            digest,
-                            catching_up,
-                        },
-                    );
-                    break;
-                }
+        if self.cfg.replicas > 0 {
+            // As `mutual node` does every round: probe one member believed dead, so that a
+            // false belief whose refutation was lost ends. Under full replication the
+            // member's next record corrects it anyway; under placement a far node may
+            // never send this one anything, and its stale belief keeps jobs from their
+            // replicas. (Only here, so that full-replication runs stay as measured.)
+            let dead: Vec<u32> = (0..self.nodes.len() as u32)
+                .filter(|t| *t != i && !self.nodes[i as usize].det.is_alive(*t as usize))
+                .collect();
+            if !dead.is_empty() {
+                let t = dead[self.rng.random_range(0..dead.len())];
+                self.send(i, t, Msg::Probe);
             }
+        }
+        for j in self.ae_partners(i) {
+            let digest = Rc::new(self.digest(i, j));
+            let catching_up = passive;
+            self.send(
+                i,
+                j,
+                Msg::AeDigest {
+                    digest,
+                    catching_up,
+                },
+            );
         }
         let next = if passive {
             self.cfg.ae_interval_ms / 4
@@ -1484,12 +1702,26 @@ impl Sim {
     fn diff(
         &mut self,
         i: u32,
+        peer: u32,
         theirs: &[(JobId, u64)],
         catching_up: bool,
     ) -> Vec<(JobId, Payload)> {
         let automerge = self.cfg.automerge;
         let now = self.now;
         let their: HashMap<JobId, u64> = theirs.iter().copied().collect();
+        // Jobs the peer lacks are sent only if it should hold them.
+        let shared: Option<BTreeSet<JobId>> = (self.cfg.replicas > 0).then(|| {
+            self.nodes[i as usize]
+                .engine
+                .as_ref()
+                .map(|e| {
+                    e.views()
+                        .map(|(id, _)| *id)
+                        .filter(|id| their.contains_key(id) || self.shares(i, id, peer))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
         let node = &mut self.nodes[i as usize];
         let Some(e) = node.engine.as_ref() else {
             return Vec::new();
@@ -1497,6 +1729,7 @@ impl Sim {
         let pacer = &mut node.ae_pacer;
         let differ: Vec<(JobId, Option<Vec<Record>>)> = e
             .views()
+            .filter(|(id, _)| shared.as_ref().is_none_or(|s| s.contains(id)))
             .filter(|(id, v)| {
                 their.get(id) != Some(&v.fingerprint()) && pacer.should_send(**id, now, catching_up)
             })
@@ -1527,6 +1760,36 @@ impl Sim {
         }
         match msg {
             Msg::Records { job, payload } => self.receive(to, job, payload),
+            Msg::Placed {
+                job,
+                payload,
+                fingerprint,
+                reply,
+            } => {
+                let before = self.fingerprint(to, &job);
+                let relay = (reply == 2).then(|| payload.clone());
+                self.receive(to, job, payload);
+                let after = self.fingerprint(to, &job);
+                if let Some(relay) = relay
+                    && after != before
+                {
+                    self.push(to, job, relay, Some(from));
+                }
+                // A receiver that cannot decode the job yet (the writer's earlier records
+                // never reached it) answers too, so the writer sends it everything.
+                if reply > 0 && after != Some(fingerprint) {
+                    let payload = self
+                        .full_state(to, &job)
+                        .unwrap_or_else(|| Payload::Records(Rc::new(Vec::new())));
+                    let msg = Msg::Placed {
+                        job,
+                        payload,
+                        fingerprint: after.unwrap_or(0),
+                        reply: reply - 1,
+                    };
+                    self.send(to, from, msg);
+                }
+            }
             Msg::Probe => self.send(to, from, Msg::Ack),
             Msg::Ack => {
                 let now = self.now;
@@ -1542,6 +1805,12 @@ impl Sim {
                     self.broadcast(to, Msg::Up(to));
                 } else {
                     self.mark(to, x, false);
+                    // As `mutual node` does under placement: the holders of the dead
+                    // node's jobs act on the judgement at once.
+                    if self.cfg.replicas > 0 {
+                        let id = self.nodes[x as usize].id;
+                        self.feed(to, Event::Suspect(id), None);
+                    }
                 }
             }
             Msg::Up(x) => self.mark(to, x, true),
@@ -1549,8 +1818,8 @@ impl Sim {
                 digest: theirs,
                 catching_up,
             } => {
-                let jobs = self.diff(to, &theirs, catching_up);
-                let mine = self.digest(to);
+                let jobs = self.diff(to, from, &theirs, catching_up);
+                let mine = self.digest(to, from);
                 let theirs_map: HashMap<JobId, u64> = theirs.iter().copied().collect();
                 let want = mine.len() != theirs.len()
                     || mine.iter().any(|(j, f)| theirs_map.get(j) != Some(f));
@@ -1586,7 +1855,7 @@ impl Sim {
                     self.feed(to, Event::CaughtUp, None);
                 }
                 if let Some(d) = digest {
-                    let jobs = self.diff(to, &d, !caught_up);
+                    let jobs = self.diff(to, from, &d, !caught_up);
                     if !jobs.is_empty() {
                         self.send(to, from, Msg::AePush { jobs });
                     }
@@ -1644,6 +1913,9 @@ impl Sim {
         }
     }
 
+    /// Whether every job is terminal and held alike by every node that should hold it:
+    /// every live node, or under placement its replicas among the live nodes (and the
+    /// other nodes that hold it agree).
     fn all_done(&self) -> bool {
         if self.jobs.iter().any(|j| j.id.is_none()) {
             return false;
@@ -1653,28 +1925,52 @@ impl Sim {
             .iter()
             .filter_map(|n| n.engine.as_ref())
             .collect();
-        let Some(first) = live.first() else {
+        if live.is_empty() {
             return true;
-        };
+        }
         for info in &self.jobs {
             let Some(id) = info.id else { return false };
-            let Some(v0) = first.view(&id) else {
-                return false;
-            };
-            let f0 = v0.fingerprint();
-            if !first.state(&id).is_some_and(|s| s.is_terminal()) {
+            if !self.missing_holders(&id).is_empty() {
                 return false;
             }
-            for e in &live[1..] {
-                if e.is_passive() || e.view(&id).map(|v| v.fingerprint()) != Some(f0) {
-                    return false;
-                }
-                if !e.state(&id).is_some_and(|s| s.is_terminal()) {
+            let holders: Vec<&JobView> = live.iter().filter_map(|e| e.view(&id)).collect();
+            let Some(f0) = holders.first().map(|v| v.fingerprint()) else {
+                return false;
+            };
+            for e in &live {
+                let Some(v) = e.view(&id) else { continue };
+                if e.is_passive()
+                    || v.fingerprint() != f0
+                    || !e.state(&id).is_some_and(|s| s.is_terminal())
+                {
                     return false;
                 }
             }
         }
         true
+    }
+
+    /// Live nodes that should hold `job` and do not: any live node under full
+    /// replication; under placement its replicas on the ring of live nodes.
+    fn missing_holders(&self, job: &JobId) -> Vec<u32> {
+        let lacks = |i: u32| {
+            self.nodes[i as usize]
+                .engine
+                .as_ref()
+                .is_some_and(|e| e.view(job).is_none())
+        };
+        if self.cfg.replicas == 0 {
+            return (0..self.nodes.len() as u32).filter(|i| lacks(*i)).collect();
+        }
+        let live_ring: Vec<NodeId> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].engine.is_some())
+            .map(|i| self.ring[i])
+            .collect();
+        mutual_core::placement::replicas(&live_ring, *job, self.cfg.replicas)
+            .iter()
+            .map(|n| self.index[n])
+            .filter(|i| lacks(*i))
+            .collect()
     }
 
     fn finish(mut self) -> Summary {
@@ -1710,14 +2006,16 @@ impl Sim {
                         .and_then(|e| e.view(&id))
                 })
                 .collect();
-            if views.len() != live.len() {
+            let missing = self.missing_holders(&id);
+            if !missing.is_empty() || views.is_empty() {
                 found.push(Violation {
                     invariant: Invariant::Convergence,
                     job: Some(id),
                     detail: format!(
-                        "only {} of {} live nodes hold the job",
+                        "{} of {} live nodes hold the job; {} that should do not",
                         views.len(),
-                        live.len()
+                        live.len(),
+                        missing.len()
                     ),
                 });
             }
@@ -1746,6 +2044,10 @@ impl Sim {
                     let node = &self.nodes[i as usize];
                     let doc_view = node.docs.view(&id);
                     let engine_view = node.engine.as_ref().and_then(|e| e.view(&id));
+                    if doc_view.is_none() && engine_view.is_none() {
+                        // Not a holder (placement).
+                        continue;
+                    }
                     let same = matches!((&doc_view, engine_view), (Some(Ok(d)), Some(e)) if d == e);
                     if !same {
                         found.push(Violation {

@@ -108,6 +108,10 @@ struct Args {
     /// slower; for small clusters).
     #[arg(long)]
     automerge: bool,
+    /// Place each job on its K XOR-closest live nodes and the nodes that wrote to it, as
+    /// `mutual node --replicas K` does (0: every node holds every job).
+    #[arg(long, default_value_t = 0)]
+    replicas: usize,
     /// Deliberately break the protocol to show the checkers catch it: `rogue-results` makes
     /// fenced holders write results anyway (expect violations and exit code 1).
     #[arg(long, value_parser = ["rogue-results"])]
@@ -151,6 +155,7 @@ impl Args {
             rank_step_ms: self.rank_step_ms.unwrap_or(d.rank_step_ms),
             max_drift_ms: self.max_drift_ms.unwrap_or(d.max_drift_ms),
             automerge: self.automerge,
+            replicas: self.replicas,
             buggify: self
                 .buggify
                 .as_ref()
