@@ -1385,6 +1385,27 @@ fn placed_jobs_live_on_few_nodes_agree_and_survive_their_runner() {
         assert_eq!(outcomes.len(), 1, "holders disagree on {id}: {:?}", all[id]);
         assert_eq!(all[id][0].state, "succeeded", "{:?}", all[id][0]);
     }
+    // A node that does not hold a job says so, and names the nodes that do.
+    let id = &ids[0];
+    let holder_urls: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.client().job(id).is_ok())
+        .map(|n| n.http.clone())
+        .collect();
+    let stranger = nodes
+        .iter()
+        .find(|n| n.client().job(id).is_err())
+        .expect("some node does not hold the job");
+    let err = stranger.client().job(id).expect_err("not held there");
+    assert_eq!(err.status(), Some(404), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("--replicas 2"), "{text}");
+    assert!(
+        holder_urls
+            .iter()
+            .any(|u| text.contains(u.trim_start_matches("http://"))),
+        "{text} names none of {holder_urls:?}"
+    );
     // A job whose runner dies is taken over by another node that holds it.
     let (sleeper, pid) = submit_sleeper(&nodes[0].client(), &dir.path().join("placed.pid"));
     let runner = eventually(10, "the sleeper's runner is known", || {

@@ -103,6 +103,9 @@ fn api_error(e: ApiError) -> Response {
             format!("no job {id} on this node"),
             None,
         ),
+        e @ ApiError::Elsewhere { .. } => {
+            error(StatusCode::NOT_FOUND, "not_found", e.to_string(), None)
+        }
         ApiError::Unschedulable(m) => {
             error(StatusCode::UNPROCESSABLE_ENTITY, "unschedulable", m, None)
         }
@@ -213,8 +216,8 @@ async fn get_job(State(state): State<ApiState>, Path(id): Path<String>) -> Respo
         Err(r) => return r,
     };
     match ask(&state, |tx| ApiReq::Get(id, tx)).await {
-        Ok(Some(st)) => axum::Json(st).into_response(),
-        Ok(None) => api_error(ApiError::NotFound(id.to_string())),
+        Ok(Ok(st)) => axum::Json(st).into_response(),
+        Ok(Err(e)) => api_error(e),
         Err(r) => r,
     }
 }
@@ -502,7 +505,7 @@ async fn stream_logs(
             return;
         }
         over = match ask(&state, |tx| ApiReq::Get(job, tx)).await {
-            Ok(Some(st)) => {
+            Ok(Ok(st)) => {
                 st.attempt != q.attempt
                     || !matches!(st.state.as_str(), "running" | "queued")
                     || st
@@ -546,8 +549,8 @@ async fn outputs(State(state): State<ApiState>, Path(id): Path<String>) -> Respo
         Err(r) => return r,
     };
     let st = match ask(&state, |tx| ApiReq::Get(id, tx)).await {
-        Ok(Some(st)) => st,
-        Ok(None) => return api_error(ApiError::NotFound(id.to_string())),
+        Ok(Ok(st)) => st,
+        Ok(Err(e)) => return api_error(e),
         Err(r) => return r,
     };
     match &st.outputs {

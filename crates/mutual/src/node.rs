@@ -4,8 +4,9 @@
 //! The actor is the "driver" of the sans-IO engine (`mutual_core::engine`): it turns
 //! network messages, API requests, timers and finished executions into engine events, and
 //! executes the engine's commands: records become automerge changes that are appended to
-//! the write-ahead log and, once durable, pushed to every live peer (and only then is the
-//! client answered); executions are started and killed; timers are armed. It is the real
+//! the write-ahead log and, once durable, pushed to every live peer — or with `--replicas`
+//! to the job's holders only (`mutual_core::placement`) — and only then is the client
+//! answered; executions are started and killed; timers are armed. It is the real
 //! counterpart of `mutual-sim`, and follows the same rules for what the simulator found
 //! necessary: both evidence-of-life rules for the detector, passive restart until a caught-up
 //! peer answered, and anti-entropy by per-job fingerprints.
@@ -260,7 +261,7 @@ pub enum ApiReq {
         oneshot::Sender<Result<JobStatus, ApiError>>,
     ),
     /// One job.
-    Get(JobId, oneshot::Sender<Option<JobStatus>>),
+    Get(JobId, oneshot::Sender<Result<JobStatus, ApiError>>),
     /// Jobs, optionally in one state, newest first.
     List(Option<String>, usize, oneshot::Sender<Vec<JobStatus>>),
     /// Cancel a job; answered once the cancel is durable.
@@ -309,6 +310,16 @@ pub enum ApiError {
     /// Unknown job (404).
     #[error("no job {0} on this node")]
     NotFound(String),
+    /// Not held here: under placement only the job's holders know it (404).
+    #[error("no job {job} on this node: this cluster keeps each job only on the {replicas} nodes closest to it (--replicas {replicas}); ask one of them: {}", holders.join(", "))]
+    Elsewhere {
+        /// The job.
+        job: String,
+        /// `--replicas`.
+        replicas: usize,
+        /// The HTTP APIs of its replicas as this node sees them.
+        holders: Vec<String>,
+    },
     /// Valid but cannot run anywhere (422).
     #[error("{0}")]
     Unschedulable(String),
@@ -639,6 +650,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         gpu_pool,
         alive_ring: vec![id],
         scheme,
+        ae_cursor: 0,
         neighbours: Vec::new(),
         probed_at: HashMap::new(),
         rtt: None,
@@ -812,6 +824,8 @@ struct Node {
     alive_ring: Vec<NodeId>,
     /// Where job documents live (`--replicas`): on every node, or placed.
     scheme: Scheme,
+    /// Under placement: the held job whose holders the next anti-entropy round asks.
+    ae_cursor: usize,
     /// Its overlay neighbours on that ring (see [`overlay::neighbours`]).
     neighbours: Vec<NodeId>,
     /// When each watched node was last probed, for round-trip samples.
@@ -1489,12 +1503,17 @@ impl Node {
     /// this node's view and every live node that wrote to it (its submitter, claimants
     /// and runners, wherever they are on the ring).
     fn holders(&self, job: &JobId, k: usize) -> Vec<NodeId> {
-        let mut out = placement::replicas(&self.alive_ring, *job, k);
+        self.holders_on(job, k, &self.alive_ring)
+    }
+
+    /// [`Self::holders`] on a given live ring (sorted, this node included).
+    fn holders_on(&self, job: &JobId, k: usize, ring: &[NodeId]) -> Vec<NodeId> {
+        let mut out = placement::replicas(ring, *job, k);
         if let Some(v) = self.engine.view(job) {
             out.extend(
                 v.records()
                     .map(|r| r.writer())
-                    .filter(|w| self.members.get(w).is_some_and(|m| m.alive)),
+                    .filter(|w| ring.binary_search(w).is_ok()),
             );
         }
         out.sort();
@@ -1518,7 +1537,7 @@ impl Node {
             job,
             changes,
             fingerprint: self.engine.view(&job).map_or(0, |v| v.fingerprint()),
-            answer: from.is_none(),
+            reply: if from.is_none() { 2 } else { 0 },
         };
         let to: Vec<NodeId> = self
             .holders(&job, k)
@@ -1545,15 +1564,24 @@ impl Node {
     }
 
     /// Under placement, after the live ring changed from `before`: sends each document
-    /// this node is to hand off (`placement::handoff`) to its new replicas — when this
-    /// node is the closest old replica still alive, or when no old replica is and this
-    /// node holds it as one of the nodes involved.
+    /// this node is to hand off (`placement::handoff`) to its new holders — its new
+    /// replicas, and nodes involved in it that came back — when this node is the closest
+    /// old replica still alive, or when no old replica is and this node holds it as one
+    /// of the nodes involved.
     fn hand_off(&mut self, before: &[NodeId], k: usize) {
         let jobs: Vec<JobId> = self.docs.ids().copied().collect();
         for job in jobs {
             let h = placement::handoff(before, &self.alive_ring, job, k);
-            let to: Vec<NodeId> = h.to.into_iter().filter(|n| *n != self.id).collect();
-            if to.is_empty() || h.sender.is_some_and(|s| s != self.id) {
+            if h.sender.is_some_and(|s| s != self.id) {
+                continue;
+            }
+            let old = self.holders_on(&job, k, before);
+            let to: Vec<NodeId> = self
+                .holders(&job, k)
+                .into_iter()
+                .filter(|n| !old.contains(n))
+                .collect();
+            if to.is_empty() {
                 continue;
             }
             let Some(saved) = self.docs.saved(&job) else {
@@ -1563,7 +1591,7 @@ impl Node {
                 job,
                 changes: vec![saved],
                 fingerprint: self.engine.view(&job).map_or(0, |v| v.fingerprint()),
-                answer: false,
+                reply: 0,
             };
             self.send_all(&to, &msg);
         }
@@ -1735,19 +1763,34 @@ impl Node {
         }
     }
 
-    /// A partner for job anti-entropy: an overlay neighbour under full replication; under
-    /// placement another holder of a random job this node holds, so every round compares
-    /// documents both should have.
-    fn ae_partner(&self) -> Option<NodeId> {
+    /// Partners for job anti-entropy this round. Under full replication a random overlay
+    /// neighbour. Under placement, one of the `k` live ring neighbours on either side (who
+    /// hold most of the jobs this node holds as a replica: `placement::ring_neighbours`),
+    /// and every other holder of the next held job in turn (the nodes involved in a job
+    /// are anywhere on the ring), so each job is compared with each of its holders once per
+    /// pass over the jobs held. Picking one random holder of one random job instead left
+    /// a far holder's difference unrepaired for minutes in the simulator.
+    fn ae_partners(&mut self) -> Vec<NodeId> {
         let Scheme::Placed { k } = self.scheme else {
-            return self.random_neighbour();
+            return self.random_neighbour().into_iter().collect();
         };
-        let job = self
-            .engine
-            .views()
-            .map(|(id, _)| *id)
-            .choose(&mut rand::rng())?;
-        self.holders(&job, k).into_iter().choose(&mut rand::rng())
+        let near = placement::ring_neighbours(&self.alive_ring, &self.id, k);
+        let mut out: Vec<NodeId> = near
+            .into_iter()
+            .choose(&mut rand::rng())
+            .into_iter()
+            .collect();
+        let held = self.docs.len();
+        if held > 0 {
+            let pick = self.ae_cursor % held;
+            self.ae_cursor = self.ae_cursor.wrapping_add(1);
+            if let Some(job) = self.engine.views().map(|(id, _)| *id).nth(pick) {
+                out.extend(self.holders(&job, k));
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
     }
 
     fn ae_tick(&mut self) {
@@ -1771,7 +1814,7 @@ impl Node {
         {
             self.send(&dead, &Msg::Probe);
         }
-        if let Some(peer) = self.ae_partner() {
+        for peer in self.ae_partners() {
             self.send_digest(&peer, true);
         }
         if let Some(peer) = self.random_neighbour() {
@@ -1960,25 +2003,27 @@ impl Node {
                 job,
                 changes,
                 fingerprint,
-                answer,
+                reply,
             } => {
-                let relay = answer.then(|| changes.clone());
+                let relay = (reply == 2).then(|| changes.clone());
                 let changed = self.receive(job, changes, Kind::Change, now);
                 if let Some(relay) = relay
                     && changed
                 {
                     self.push(job, relay, Some(from));
                 }
+                // A receiver that cannot decode the job yet (the writer's earlier records
+                // never reached it) answers too, so the writer sends it everything.
                 let mine = self.engine.view(&job).map(|v| v.fingerprint());
-                if answer
-                    && mine.is_some_and(|f| f != fingerprint)
+                if reply > 0
+                    && mine != Some(fingerprint)
                     && let Some(saved) = self.docs.saved(&job)
                 {
                     let msg = Msg::Changes {
                         job,
                         changes: vec![saved],
                         fingerprint: mine.unwrap_or(0),
-                        answer: false,
+                        reply: reply - 1,
                     };
                     self.send(&from, &msg);
                 }
@@ -2116,9 +2161,7 @@ impl Node {
     // ---- API -----------------------------------------------------------------------
 
     fn log_source(&self, job: &JobId) -> Result<LogSource, ApiError> {
-        let st = self
-            .status(job)
-            .ok_or_else(|| ApiError::NotFound(job.to_string()))?;
+        let st = self.status(job).ok_or_else(|| self.not_here(job))?;
         let Some(node) = st.node.clone() else {
             return Err(ApiError::NoLogs(format!(
                 "job {job} has not started anywhere yet"
@@ -2148,6 +2191,24 @@ impl Node {
             state: st.state,
             ended,
         })
+    }
+
+    /// Why this node cannot answer for `job`: it never heard of it, or under placement
+    /// it is not one of its holders (and which nodes are, as far as it knows).
+    fn not_here(&self, job: &JobId) -> ApiError {
+        let Scheme::Placed { k } = self.scheme else {
+            return ApiError::NotFound(job.to_string());
+        };
+        let holders = placement::replicas(&self.alive_ring, *job, k)
+            .iter()
+            .filter(|n| **n != self.id)
+            .filter_map(|n| self.members.get(n)?.info.http.clone())
+            .collect();
+        ApiError::Elsewhere {
+            job: job.to_string(),
+            replicas: k,
+            holders,
+        }
     }
 
     fn status(&self, job: &JobId) -> Option<JobStatus> {
@@ -2259,7 +2320,7 @@ impl Node {
                 }
             }
             ApiReq::Get(id, reply) => {
-                let _ = reply.send(self.status(&id));
+                let _ = reply.send(self.status(&id).ok_or_else(|| self.not_here(&id)));
             }
             ApiReq::LogSource(id, reply) => {
                 let _ = reply.send(self.log_source(&id));
@@ -2284,7 +2345,7 @@ impl Node {
                     self.run_cmds(cmds, Some(Ack::Cancel(id, outcome, reply)));
                 }
                 Err(_) => {
-                    let _ = reply.send(Err(ApiError::NotFound(id.to_string())));
+                    let _ = reply.send(Err(self.not_here(&id)));
                 }
             },
             ApiReq::Nodes(reply) => {

@@ -120,10 +120,13 @@ pub enum Msg {
         changes: Vec<Vec<u8>>,
         /// The fingerprint of the sender's record set once these were in it.
         fingerprint: u64,
-        /// Whether a receiver whose record set then differs should send the sender its
-        /// whole document (the writer of a record learns, within a round trip, any
-        /// record a holder had that it lacked: a concurrent claim, above all).
-        answer: bool,
+        /// 2: sent by the records' writer; the receiver relays them once to the holders
+        /// in its view, and if its record set then differs, answers with its whole
+        /// document (so the writer learns, within a round trip, any record it lacked: a
+        /// concurrent claim, above all). 1: such an answer; a writer whose set still
+        /// differs sends its whole document back (a holder handed the job late lacks its
+        /// history). 0: neither (relays, hand-offs, that second answer).
+        reply: u8,
     },
     /// Anti-entropy: whole saved documents the receiver lacks or differs on.
     Docs {
