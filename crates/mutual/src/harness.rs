@@ -18,6 +18,9 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// every other alive: on two cores each join costs every member some work, so 200 nodes
 /// take minutes to agree.
 pub const ALIVE_TIMEOUT_PER_NODE: Duration = Duration::from_secs(1);
+/// A hosted process's nodes get one more [`ALIVE_TIMEOUT_PER_NODE`] each to join per
+/// this many nodes already running.
+pub const HOSTED_JOIN_SLOWDOWN_NODES: usize = 100;
 
 /// A `mutual host` process and the nodes it runs; stopped (SIGKILL) when dropped.
 pub struct HostProcess {
@@ -254,17 +257,27 @@ pub fn start_hosted_cluster(
         let count = per_process.min(n - k * per_process);
         let dir = root.join(format!("host{k}"));
         let join = nodes.first().map(|f| f.ticket.clone());
-        nodes.extend(start_host(bin, &dir, count, join.as_deref(), extra)?);
+        let running = nodes.len();
+        nodes.extend(start_host(
+            bin,
+            &dir,
+            count,
+            running,
+            join.as_deref(),
+            extra,
+        )?);
     }
     wait_all_alive(&nodes)?;
     Ok(nodes)
 }
 
-/// Starts one `mutual host --nodes count` in `dir` and waits for every node's addresses.
+/// Starts one `mutual host --nodes count` in `dir`, joining a cluster of `running` nodes,
+/// and waits for every node's addresses.
 fn start_host(
     bin: &Path,
     dir: &Path,
     count: usize,
+    running: usize,
     join: Option<&str>,
     extra: &[String],
 ) -> Result<Vec<LocalNode>, HarnessError> {
@@ -292,7 +305,10 @@ fn start_host(
         }
         true
     })?;
-    let timeout = START_TIMEOUT + Duration::from_secs(count as u64);
+    // A join costs every member a little, so joins slow down as the cluster grows: 100
+    // nodes joining 400 took more than 160 s on two cores (E2 at 500, 2026-11-27).
+    let per_node = ALIVE_TIMEOUT_PER_NODE * (1 + (running / HOSTED_JOIN_SLOWDOWN_NODES) as u32);
+    let timeout = START_TIMEOUT + per_node * count as u32;
     let found = match rx.recv_timeout(timeout) {
         Ok(found) => found,
         Err(_) => {
