@@ -2005,6 +2005,8 @@ impl Node {
                 fingerprint,
                 reply,
             } => {
+                // A peer's value above 2 means no more than 2.
+                let reply = reply.min(2);
                 let relay = (reply == 2).then(|| changes.clone());
                 let changed = self.receive(job, changes, Kind::Change, now);
                 if let Some(relay) = relay
