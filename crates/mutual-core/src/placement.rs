@@ -133,6 +133,30 @@ pub fn holds(scheme: Scheme, ring: &[NodeId], job: JobId, me: &NodeId) -> bool {
     }
 }
 
+/// The nodes other than `me` that hold `job`'s document under placement with `k`
+/// replicas on the live `ring` (sorted): its replicas, and every node on `ring` that wrote
+/// to it (`writers`: its submitter, claimants and runners, wherever they are on the ring).
+/// Sorted, each node once. The node and the simulator both send a job's writes, relays,
+/// hand-offs and anti-entropy to exactly this set, so they must compute it alike.
+pub fn holders_with_writers(
+    ring: &[NodeId],
+    job: JobId,
+    k: usize,
+    writers: impl IntoIterator<Item = NodeId>,
+    me: &NodeId,
+) -> Vec<NodeId> {
+    let mut out = replicas(ring, job, k);
+    out.extend(
+        writers
+            .into_iter()
+            .filter(|w| ring.binary_search(w).is_ok()),
+    );
+    out.sort();
+    out.dedup();
+    out.retain(|n| n != me);
+    out
+}
+
 /// The up to `k` nodes on either side of `me` on the sorted `ring` (`me` excluded, each
 /// node once). A job's replicas all share a prefix with it, so they lie close together on
 /// the ring (within the run of nodes sharing that prefix, about `2k` of them): most of the
@@ -224,6 +248,25 @@ mod tests {
         assert_eq!(holders(Scheme::Full, &r, job(1)), r);
         assert!(holds(Scheme::Full, &r, job(1), &r[7]));
         assert!(!holds(Scheme::Full, &r, job(1), &NodeId::from_index(99)));
+    }
+
+    #[test]
+    fn holders_are_replicas_and_live_writers_without_me() {
+        let r = ring(0..20);
+        let j = job(3);
+        let reps = replicas(&r, j, 3);
+        let me = reps[0];
+        let far = *r.iter().find(|n| !reps.contains(n)).expect("a non-replica");
+        let gone = NodeId::from_index(99);
+        let got = holders_with_writers(&r, j, 3, [far, gone, me, far], &me);
+        let mut want: Vec<NodeId> = reps[1..].to_vec();
+        want.push(far);
+        want.sort();
+        assert_eq!(got, want, "replicas but me, plus the live writer once");
+        assert!(
+            !got.contains(&gone),
+            "a writer off the live ring is not a holder"
+        );
     }
 
     #[test]

@@ -1485,26 +1485,25 @@ impl Sim {
 
     /// [`Self::holders`] on a given live ring (sorted ids, `i` included).
     fn holders_on(&self, i: u32, job: &JobId, ring: &[NodeId]) -> Vec<u32> {
-        let k = self.cfg.replicas;
-        let mut out: Vec<u32> = mutual_core::placement::replicas(ring, *job, k)
-            .iter()
-            .map(|n| self.index[n])
-            .collect();
-        if let Some(v) = self.nodes[i as usize]
+        let node = &self.nodes[i as usize];
+        let writers = node
             .engine
             .as_ref()
             .and_then(|e| e.view(job))
-        {
-            out.extend(
-                v.records()
-                    .map(|r| r.writer())
-                    .filter(|w| ring.binary_search(w).is_ok())
-                    .map(|w| self.index[&w]),
-            );
-        }
+            .into_iter()
+            .flat_map(|v| v.records().map(|r| r.writer()));
+        let mut out: Vec<u32> = mutual_core::placement::holders_with_writers(
+            ring,
+            *job,
+            self.cfg.replicas,
+            writers,
+            &node.id,
+        )
+        .iter()
+        .map(|n| self.index[n])
+        .collect();
+        // Index order, as the simulator always sent them (runs stay as measured).
         out.sort_unstable();
-        out.dedup();
-        out.retain(|n| *n != i);
         out
     }
 

@@ -1508,18 +1508,12 @@ impl Node {
 
     /// [`Self::holders`] on a given live ring (sorted, this node included).
     fn holders_on(&self, job: &JobId, k: usize, ring: &[NodeId]) -> Vec<NodeId> {
-        let mut out = placement::replicas(ring, *job, k);
-        if let Some(v) = self.engine.view(job) {
-            out.extend(
-                v.records()
-                    .map(|r| r.writer())
-                    .filter(|w| ring.binary_search(w).is_ok()),
-            );
-        }
-        out.sort();
-        out.dedup();
-        out.retain(|n| *n != self.id);
-        out
+        let writers = self
+            .engine
+            .view(job)
+            .into_iter()
+            .flat_map(|v| v.records().map(|r| r.writer()));
+        placement::holders_with_writers(ring, *job, k, writers, &self.id)
     }
 
     /// Pushes new changes of `job`: down the broadcast tree under full replication; under
