@@ -37,6 +37,11 @@ pub const REFUSED: u32 = 1;
 pub const LINK_QUEUE_FRAMES: usize = 4_096;
 /// Most bytes written to a peer in one batch.
 pub const LINK_BATCH_BYTES: usize = 256 * 1024;
+/// Capacity a link's batch buffer keeps between batches. The buffer grows to a burst's
+/// size and gives the excess back once it is written, instead of holding
+/// [`LINK_BATCH_BYTES`] for the connection's whole life: after one burst that much stayed
+/// resident per connection, and a hosted node under placement talks to dozens of peers.
+pub const LINK_BATCH_KEEP_BYTES: usize = 16 * 1024;
 /// A link to a node outside the overlay (see [`Link::set_keep`]) with nothing to send for
 /// this long closes its connection, and redials on the next message. Links to overlay
 /// neighbours stay up: redialling them costs a QUIC handshake each time a burst starts,
@@ -66,6 +71,9 @@ pub struct NetStats {
     pub dropped: AtomicU64,
     /// Inbound connections refused (bad hello).
     pub refused: AtomicU64,
+    /// Connections this node dialled (each a QUIC handshake: under load with many
+    /// peers, redialling idle links is a large share of the CPU).
+    pub dialled: AtomicU64,
 }
 
 /// Close code for a connection from a peer this node is partitioned from.
@@ -250,6 +258,7 @@ impl Transport {
                 }
             };
             backoff = BACKOFF_MIN;
+            self.stats.dialled.fetch_add(1, Ordering::Relaxed);
             match self.pump(&conn, &hello, &mut rx, &mut pending, &keep).await {
                 Pump::Closed => return,
                 Pump::Refused(reason) => {
@@ -273,8 +282,7 @@ impl Transport {
         let Ok(mut send) = conn.open_uni().await else {
             return Pump::Broken;
         };
-        let mut buf = Vec::with_capacity(LINK_BATCH_BYTES);
-        buf.extend_from_slice(hello);
+        let mut buf = hello.to_vec();
         loop {
             if let Some(f) = pending.take() {
                 buf.extend_from_slice(&f);
@@ -293,6 +301,7 @@ impl Transport {
                     .bytes_out
                     .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 buf.clear();
+                buf.shrink_to(LINK_BATCH_KEEP_BYTES);
             }
             tokio::select! {
                 frame = rx.recv() => {

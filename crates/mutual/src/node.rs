@@ -2491,6 +2491,12 @@ impl Node {
         );
         counter(
             &mut reg,
+            "connections_dialled",
+            "Peer connections this node dialled (a QUIC handshake each)",
+            n.dialled.load(Relaxed),
+        );
+        counter(
+            &mut reg,
             "connections_refused",
             "Inbound connections refused (wrong secret)",
             n.refused.load(Relaxed),
