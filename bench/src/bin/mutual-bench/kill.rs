@@ -553,6 +553,37 @@ fn run(
         std::thread::sleep(observer.poll().max(Duration::from_millis(200)));
     };
     let drain_s = began.elapsed().as_secs_f64();
+    // Say why each job that did not succeed did not: its furthest-along status, and
+    // whether its attempts ran on killed agents.
+    for id in ids
+        .iter()
+        .filter(|id| done.get(*id).is_none_or(|s| s.state != "succeeded"))
+    {
+        match done.get(id) {
+            None => eprintln!("job {id}: no live node holds it"),
+            Some(s) => {
+                let attempts: Vec<String> = s
+                    .attempts
+                    .iter()
+                    .map(|a| {
+                        let killed = if victim_ids.contains(&a.node) {
+                            " (killed)"
+                        } else {
+                            ""
+                        };
+                        let expired = a.expired.as_deref().unwrap_or("open");
+                        format!("{} on {:.8}{killed}: {expired}", a.epoch, a.node)
+                    })
+                    .collect();
+                eprintln!(
+                    "job {id}: {} after {} s; attempts [{}]",
+                    s.state,
+                    drain_s as u64,
+                    attempts.join(", ")
+                );
+            }
+        }
+    }
     let succeeded = ids
         .iter()
         .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
