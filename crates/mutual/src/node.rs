@@ -1803,7 +1803,7 @@ impl Node {
         if held > 0 {
             let pick = self.ae_cursor % held;
             self.ae_cursor = self.ae_cursor.wrapping_add(1);
-            if let Some(job) = self.engine.views().map(|(id, _)| *id).nth(pick) {
+            if let Some(job) = self.docs.ids().nth(pick).copied() {
                 out.extend(self.holders(&job, k));
             }
         }
