@@ -99,6 +99,14 @@ pub fn process_rss_mib(pid: u32) -> Option<f64> {
     proc_number(&format!("/proc/{pid}/status"), "VmRSS:").map(|k| k / 1024.0)
 }
 
+/// The distinct OS processes that host `nodes` (one per `mutual host`).
+pub fn host_pids(nodes: &[mutual::harness::LocalNode]) -> Vec<u32> {
+    let mut pids: Vec<u32> = nodes.iter().filter_map(|n| Some(n.process()?.0)).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
 /// The command line that ran this program, for the results file.
 pub fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();

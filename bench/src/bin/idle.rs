@@ -22,8 +22,8 @@ use clap::Parser;
 use mutual::client::metric;
 use mutual::harness::{LocalNode, start_hosted_cluster};
 use mutual_bench::{
-    command_line, machine, mutual_bin, proc_number, process_cpu_s, process_rss_mib, sync_messages,
-    today,
+    command_line, host_pids, machine, mutual_bin, proc_number, process_cpu_s, process_rss_mib,
+    sync_messages, today,
 };
 use serde_json::{Value, json};
 
@@ -96,13 +96,6 @@ fn context_switches(pid: u32) -> u64 {
         }
     }
     sum as u64
-}
-
-fn host_pids(nodes: &[LocalNode]) -> Vec<u32> {
-    let mut pids: Vec<u32> = nodes.iter().filter_map(|n| Some(n.process()?.0)).collect();
-    pids.sort_unstable();
-    pids.dedup();
-    pids
 }
 
 fn read(nodes: &[LocalNode], pids: &[u32]) -> Result<Reading> {

@@ -157,6 +157,22 @@ pub fn holders_with_writers(
     out
 }
 
+/// Where a holder relays a record it learnt from the record's writer: the holders in its
+/// own view (`mine`, itself excluded, as [`holders_with_writers`] gives them) other than
+/// the `writer` and the nodes the writer sent the record to itself (`sent`). When the two
+/// views of the holders agree, that is nobody: every holder had the record from the
+/// writer in one hop. When they differ (one has not yet learnt of a join or a death),
+/// the holders only this one sees get it in two hops, which is what the settle window
+/// needs ("Relay once" in `docs/invariants.md`). Relaying to every holder instead made
+/// each write cost about `k²` messages, and as many connections between holders spread
+/// over the ring: most of a job's messages and handshakes at 100 nodes.
+pub fn relay_targets<T: Copy + PartialEq>(mine: &[T], writer: T, sent: &[T]) -> Vec<T> {
+    mine.iter()
+        .copied()
+        .filter(|n| *n != writer && !sent.contains(n))
+        .collect()
+}
+
 /// The up to `k` nodes on either side of `me` on the sorted `ring` (`me` excluded, each
 /// node once). A job's replicas all share a prefix with it, so they lie close together on
 /// the ring (within the run of nodes sharing that prefix, about `2k` of them): most of the
@@ -248,6 +264,18 @@ mod tests {
         assert_eq!(holders(Scheme::Full, &r, job(1)), r);
         assert!(holds(Scheme::Full, &r, job(1), &r[7]));
         assert!(!holds(Scheme::Full, &r, job(1), &NodeId::from_index(99)));
+    }
+
+    #[test]
+    fn a_relay_goes_only_to_holders_the_writer_missed() {
+        // Views agree: the writer reached every holder, so nothing is relayed.
+        assert_eq!(relay_targets(&[2, 3, 4], 1, &[2, 3, 4]), Vec::<u32>::new());
+        // This holder (5) knows of 6, which the writer does not: only 6 gets the relay.
+        assert_eq!(relay_targets(&[2, 3, 6], 1, &[2, 3, 5]), vec![6]);
+        // The writer itself is never a target, even when it is one of my holders.
+        assert_eq!(relay_targets(&[1, 2], 1, &[]), vec![2]);
+        // Without the writer's list (an old peer, or one over the limit) every holder is.
+        assert_eq!(relay_targets(&[2, 3], 1, &[]), vec![2, 3]);
     }
 
     #[test]

@@ -317,6 +317,8 @@ enum Msg {
         /// `wire::Msg::Changes::reply`: 2 from the writer (relay once, answer if the sets
         /// differ), 1 on an answer (answer back if they still differ), 0 otherwise.
         reply: u8,
+        /// `wire::Msg::Changes::sent`: with `reply` 2, the holders the writer sent to.
+        sent: Rc<Vec<u32>>,
     },
     Probe,
     Ack,
@@ -1525,20 +1527,29 @@ impl Sim {
             .map(|v| v.fingerprint())
     }
 
-    /// Under placement: sends `payload` to `job`'s holders except `from` (see
-    /// `mutual node`'s `push`).
-    fn push(&mut self, i: u32, job: JobId, payload: Payload, from: Option<u32>) {
+    /// Under placement: sends `payload` to `job`'s holders, or, relaying a record from its
+    /// writer (`relay`: the writer and the holders it sent the record to), to the holders
+    /// the writer missed (see `mutual node`'s `push`).
+    fn push(&mut self, i: u32, job: JobId, payload: Payload, relay: Option<(u32, Rc<Vec<u32>>)>) {
         let fingerprint = self.fingerprint(i, &job).unwrap_or(0);
-        for to in self.holders(i, &job) {
-            if Some(to) != from {
-                let msg = Msg::Placed {
-                    job,
-                    payload: payload.clone(),
-                    fingerprint,
-                    reply: if from.is_none() { 2 } else { 0 },
-                };
-                self.send(i, to, msg);
-            }
+        let holders = self.holders(i, &job);
+        let (to, sent, reply) = match relay {
+            None => (holders.clone(), Rc::new(holders), 2),
+            Some((writer, sent)) => (
+                mutual_core::placement::relay_targets(&holders, writer, &sent),
+                Rc::new(Vec::new()),
+                0,
+            ),
+        };
+        for to in to {
+            let msg = Msg::Placed {
+                job,
+                payload: payload.clone(),
+                fingerprint,
+                reply,
+                sent: sent.clone(),
+            };
+            self.send(i, to, msg);
         }
     }
 
@@ -1580,6 +1591,7 @@ impl Sim {
                     payload: payload.clone(),
                     fingerprint,
                     reply: 0,
+                    sent: Rc::new(Vec::new()),
                 };
                 self.send(i, t, msg);
             }
@@ -1764,6 +1776,7 @@ impl Sim {
                 payload,
                 fingerprint,
                 reply,
+                sent,
             } => {
                 let before = self.fingerprint(to, &job);
                 let relay = (reply == 2).then(|| payload.clone());
@@ -1772,7 +1785,7 @@ impl Sim {
                 if let Some(relay) = relay
                     && after != before
                 {
-                    self.push(to, job, relay, Some(from));
+                    self.push(to, job, relay, Some((from, sent)));
                 }
                 // A receiver that cannot decode the job yet (the writer's earlier records
                 // never reached it) answers too, so the writer sends it everything.
@@ -1785,6 +1798,7 @@ impl Sim {
                         payload,
                         fingerprint: after.unwrap_or(0),
                         reply: reply - 1,
+                        sent: Rc::new(Vec::new()),
                     };
                     self.send(to, from, msg);
                 }
@@ -1944,6 +1958,20 @@ impl Sim {
                 {
                     return false;
                 }
+            }
+            // With real documents, also wait for each holder's document to hold what its
+            // engine holds (`finish` checks it): a change whose dependencies a holder lacks
+            // waits in its document until anti-entropy brings them, which under placement
+            // may take a few rounds after the engines agree.
+            if self.cfg.automerge
+                && self.nodes.iter().filter(|n| n.engine.is_some()).any(|n| {
+                    let engine_view = n.engine.as_ref().and_then(|e| e.view(&id));
+                    let doc_view = n.docs.view(&id);
+                    (doc_view.is_some() || engine_view.is_some())
+                        && !matches!((doc_view, engine_view), (Some(Ok(d)), Some(e)) if d == *e)
+                })
+            {
+                return false;
             }
         }
         true

@@ -114,6 +114,11 @@ enum Cmd {
         conn: Conn,
     },
     /// List the cluster's nodes as the answering node sees them.
+    ///
+    /// The free resources, slots and running jobs are current for the answering node
+    /// (marked "answering") and as last announced for the others: a node announces its
+    /// load at most once per second per live member, so in a cluster of 100 they may
+    /// be 100 s old. Ask a node itself (`--node URL`) for its load now.
     Nodes {
         /// Print JSON.
         #[arg(long)]

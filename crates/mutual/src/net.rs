@@ -74,6 +74,27 @@ pub struct NetStats {
     /// Connections this node dialled (each a QUIC handshake: under load with many
     /// peers, redialling idle links is a large share of the CPU).
     pub dialled: AtomicU64,
+    /// Connections this node dialled that are up now.
+    pub dialled_open: AtomicU64,
+    /// Inbound connections (of every protocol) being served now.
+    pub accepted_open: AtomicU64,
+}
+
+/// Counts one open connection in a [`NetStats`] gauge for as long as it lives.
+pub struct OpenConn<'a>(&'a AtomicU64);
+
+impl<'a> OpenConn<'a> {
+    /// Counts one more in `gauge`.
+    pub fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        OpenConn(gauge)
+    }
+}
+
+impl Drop for OpenConn<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Close code for a connection from a peer this node is partitioned from.
@@ -259,7 +280,10 @@ impl Transport {
             };
             backoff = BACKOFF_MIN;
             self.stats.dialled.fetch_add(1, Ordering::Relaxed);
-            match self.pump(&conn, &hello, &mut rx, &mut pending, &keep).await {
+            let open = OpenConn::new(&self.stats.dialled_open);
+            let pumped = self.pump(&conn, &hello, &mut rx, &mut pending, &keep).await;
+            drop(open);
+            match pumped {
                 Pump::Closed => return,
                 Pump::Refused(reason) => {
                     let _ = self.events.send(NetEvent::Refused { peer, reason }).await;

@@ -70,6 +70,17 @@ pub const REPROBE_EVERY_TICKS: u64 = 5;
 /// running there stayed running on a dead node. By the second broadcast those members
 /// are judged too, and the tree goes around them.
 pub const DOWN_REBROADCAST_TIMEOUTS: u64 = 2;
+/// A node announces a change of its load (free resources, running jobs) to every member at
+/// most once per this many milliseconds per live member (and never more often than
+/// [`Timing::info_interval_ms`]): every 10 s at 10 members, every 500 s at 500. The
+/// announcement is a broadcast to all N members, and every job start and end changes the
+/// load, so announcing each change made every job cost O(N) messages: at 100 hosted nodes
+/// with placement, about 400 of a job's 546 sync messages. Paced at 0.1 s per member a job
+/// still cost 560 messages at 200 nodes, against 328 at 1 s (`bench/results/load/`). Paced
+/// this way each member receives at most one load announcement a second, whatever N.
+/// Nothing but the node list (`GET /v1/nodes`) reads another node's load; claims use the
+/// claimant's own.
+pub const LOAD_ANNOUNCE_MS_PER_MEMBER: u64 = 1_000;
 /// QUIC keep-alive period on peer connections.
 pub const QUIC_KEEP_ALIVE_S: u64 = 20;
 /// A peer connection silent this long is closed (and redialled on the next send).
@@ -604,6 +615,8 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
                     if t.partitioned(&conn) {
                         return;
                     }
+                    let stats = t.stats.clone();
+                    let _open = net::OpenConn::new(&stats.accepted_open);
                     if conn.alpn() == wire::ALPN {
                         t.serve(conn).await;
                     } else {
@@ -646,6 +659,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         addrs,
         http,
         info_dirty: true,
+        info_due_ms: 0,
         passive_rounds: 0,
         ticks: 0,
         last_tick_ms: now,
@@ -813,6 +827,8 @@ struct Node {
     addrs: Vec<SocketAddr>,
     http: Option<String>,
     info_dirty: bool,
+    /// When this node's info may next be broadcast (ms; [`LOAD_ANNOUNCE_MS_PER_MEMBER`]).
+    info_due_ms: u64,
     passive_rounds: u32,
     /// Which differing jobs anti-entropy sends now (those still in flight, changed within
     /// the settle window, wait).
@@ -1529,27 +1545,37 @@ impl Node {
     }
 
     /// Pushes new changes of `job`: down the broadcast tree under full replication; under
-    /// placement straight to its holders except `from` (whose changes these are), asking
-    /// them to answer with what they hold and this node lacks only when this node wrote
-    /// them. A holder relays a write it learns from the writer, once, so two writers whose
-    /// views of the holders differ (a concurrent claim from a node that just joined, say)
-    /// still see each other's records within two hops, inside the settle window.
-    fn push(&self, job: JobId, changes: Vec<Vec<u8>>, from: Option<NodeId>) {
+    /// placement straight to its holders, asking them to answer with what they hold and
+    /// this node lacks. `relay`: these are another writer's changes, received from it
+    /// with the list of holders it sent them to; they go on, once and without asking for
+    /// an answer, to the holders of this node's view that the writer missed
+    /// (`placement::relay_targets`), so two writers whose views of the holders differ (a
+    /// concurrent claim from a node that just joined, say) still see each other's records
+    /// within two hops, inside the settle window.
+    fn push(&self, job: JobId, changes: Vec<Vec<u8>>, relay: Option<(NodeId, Vec<NodeId>)>) {
         let Scheme::Placed { k } = self.scheme else {
             self.broadcast(Bcast::Changes { job, changes });
             return;
         };
+        let holders = self.holders(&job, k);
+        let (to, sent, reply) = match relay {
+            None => (holders.clone(), holders, 2),
+            Some((writer, sent)) => (
+                placement::relay_targets(&holders, writer, &sent),
+                Vec::new(),
+                0,
+            ),
+        };
+        if to.is_empty() {
+            return;
+        }
         let msg = Msg::Changes {
             job,
             changes,
             fingerprint: self.engine.view(&job).map_or(0, |v| v.fingerprint()),
-            reply: if from.is_none() { 2 } else { 0 },
+            reply,
+            sent,
         };
-        let to: Vec<NodeId> = self
-            .holders(&job, k)
-            .into_iter()
-            .filter(|n| Some(*n) != from)
-            .collect();
         self.send_all(&to, &msg);
     }
 
@@ -1598,6 +1624,7 @@ impl Node {
                 changes: vec![saved],
                 fingerprint: self.engine.view(&job).map_or(0, |v| v.fingerprint()),
                 reply: 0,
+                sent: Vec::new(),
             };
             self.send_all(&to, &msg);
         }
@@ -1721,8 +1748,10 @@ impl Node {
     }
 
     fn info_tick(&mut self) {
-        if self.info_dirty {
+        let now = now_ms();
+        if self.info_dirty && now >= self.info_due_ms {
             self.info_dirty = false;
+            self.info_due_ms = now + self.det.alive_count() as u64 * LOAD_ANNOUNCE_MS_PER_MEMBER;
             self.version.1 += 1;
             let info = self.my_info();
             self.broadcast(Bcast::Info(Box::new(info)));
@@ -2023,6 +2052,7 @@ impl Node {
                 changes,
                 fingerprint,
                 reply,
+                mut sent,
             } => {
                 // A peer's value above 2 means no more than 2.
                 let reply = reply.min(2);
@@ -2031,7 +2061,10 @@ impl Node {
                 if let Some(relay) = relay
                     && changed
                 {
-                    self.push(job, relay, Some(from));
+                    if sent.len() > wire::MAX_SENT_TO {
+                        sent.clear();
+                    }
+                    self.push(job, relay, Some((from, sent)));
                 }
                 // A receiver that cannot decode the job yet (the writer's earlier records
                 // never reached it) answers too, so the writer sends it everything.
@@ -2045,6 +2078,7 @@ impl Node {
                         changes: vec![saved],
                         fingerprint: mine.unwrap_or(0),
                         reply: reply - 1,
+                        sent: Vec::new(),
                     };
                     self.send(&from, &msg);
                 }
@@ -2520,6 +2554,22 @@ impl Node {
             "Peer connections this node dialled (a QUIC handshake each)",
             n.dialled.load(Relaxed),
         );
+        for (name, help, v) in [
+            (
+                "connections_dialled_open",
+                "Peer connections this node dialled that are up now",
+                &n.dialled_open,
+            ),
+            (
+                "connections_accepted_open",
+                "Inbound peer connections (job protocol and blobs) served now",
+                &n.accepted_open,
+            ),
+        ] {
+            let g = Gauge::<i64>::default();
+            g.set(v.load(Relaxed) as i64);
+            reg.register(name, help, g);
+        }
         counter(
             &mut reg,
             "connections_refused",

@@ -274,11 +274,13 @@ pub struct NodeStatus {
     pub addrs: Vec<String>,
     /// What it offers.
     pub capacity: Resources,
-    /// What is free now.
+    /// What is free: now for the answering node, else as the node last announced it (a
+    /// node announces its load at most once per second per live member, so at 100 members
+    /// it may be 100 s old).
     pub free: Resources,
     /// Execution slots.
     pub slots: u32,
-    /// Free slots.
+    /// Free slots (as `free`: current only for the answering node).
     pub free_slots: u32,
     /// Labels.
     pub labels: BTreeMap<String, String>,
@@ -286,7 +288,7 @@ pub struct NodeStatus {
     pub containers: bool,
     /// Its GPUs (index, model, memory).
     pub gpus: Vec<crate::gpu::Gpu>,
-    /// Jobs it runs now.
+    /// Jobs it runs (as `free`: current only for the answering node).
     pub running: Vec<String>,
     /// True for the node that answered.
     #[serde(rename = "self")]

@@ -127,6 +127,10 @@ pub enum Msg {
         /// differs sends its whole document back (a holder handed the job late lacks its
         /// history). 0: neither (relays, hand-offs, that second answer).
         reply: u8,
+        /// With `reply` 2: the holders the writer sent these to. A holder relays only to
+        /// holders of its own view not among them (`placement::relay_targets`); a list
+        /// longer than [`MAX_SENT_TO`] counts as empty (relay to every holder).
+        sent: Vec<NodeId>,
     },
     /// Anti-entropy: whole saved documents the receiver lacks or differs on.
     Docs {
@@ -155,6 +159,10 @@ pub enum Bcast {
     /// `node` is alive (a refutation, or a node judged dead answered).
     Up(NodeId),
 }
+
+/// Longest `Msg::Changes::sent` list a receiver reads: the holders of a job are at most
+/// `node::MAX_REPLICAS` replicas and its writers.
+pub const MAX_SENT_TO: usize = 256;
 
 /// One member's share of [`Msg::MemberDigest`]'s hash: order-free (summed), so two views
 /// holding the same (member, version) pairs hash alike however they were built.
