@@ -107,6 +107,64 @@ pub fn host_pids(nodes: &[mutual::harness::LocalNode]) -> Vec<u32> {
     pids
 }
 
+/// The options every driver of hosted nodes (`idle`, `load`) shares: how to start the nodes,
+/// and where its result goes.
+#[derive(clap::Args)]
+pub struct HostedArgs {
+    /// An extra argument for every hosted node (repeatable), e.g.
+    /// `--node-arg=--probe-interval=1s`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub node_arg: Vec<String>,
+    /// The `mutual` binary [default: the one next to this driver].
+    #[arg(long)]
+    pub mutual: Option<PathBuf>,
+    /// Names the result file: `<out>/<driver>-<label>.json`, or `<driver>.json` without one.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Where the JSON goes.
+    #[arg(long, default_value_os_t = results_dir())]
+    pub out: PathBuf,
+}
+
+impl HostedArgs {
+    /// The `mutual` binary to run: `--mutual`, or the release one next to this driver.
+    pub fn bin(&self) -> anyhow::Result<PathBuf> {
+        match &self.mutual {
+            Some(p) => Ok(p.clone()),
+            None => mutual_bin(),
+        }
+    }
+
+    /// Writes the fields of the object `results` to `<out>/<driver>[-<label>].json`, after
+    /// the command, date, machine, binary and node arguments that made them.
+    pub fn write(
+        &self,
+        driver: &str,
+        bin: &std::path::Path,
+        results: serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let name = match &self.label {
+            Some(l) => format!("{driver}-{l}.json"),
+            None => format!("{driver}.json"),
+        };
+        let mut out = serde_json::json!({
+            "command": command_line(),
+            "date": today(),
+            "machine": machine(),
+            "mutual": bin.display().to_string(),
+            "node_args": self.node_arg,
+        });
+        if let (Some(o), serde_json::Value::Object(fields)) = (out.as_object_mut(), results) {
+            o.extend(fields);
+        }
+        std::fs::create_dir_all(&self.out)?;
+        let path = self.out.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
+        eprintln!("wrote {}", path.display());
+        Ok(())
+    }
+}
+
 /// The command line that ran this program, for the results file.
 pub fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -14,7 +14,7 @@
 //! long it tried; one that forms also reports the CPU its forming took and the false death
 //! judgements (every node is alive throughout, so every judgement is false).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -22,8 +22,7 @@ use clap::Parser;
 use mutual::client::metric;
 use mutual::harness::{LocalNode, start_hosted_cluster};
 use mutual_bench::{
-    command_line, host_pids, machine, mutual_bin, proc_number, process_cpu_s, process_rss_mib,
-    sync_messages, today,
+    HostedArgs, host_pids, proc_number, process_cpu_s, process_rss_mib, sync_messages,
 };
 use serde_json::{Value, json};
 
@@ -42,19 +41,8 @@ struct Args {
     /// Seconds measured.
     #[arg(long, default_value_t = 30)]
     window_s: u64,
-    /// An extra argument for every hosted node (repeatable), e.g.
-    /// `--node-arg=--probe-interval=1s`.
-    #[arg(long, allow_hyphen_values = true)]
-    node_arg: Vec<String>,
-    /// The `mutual` binary [default: the one next to this driver].
-    #[arg(long)]
-    mutual: Option<PathBuf>,
-    /// Names the result file: `<out>/idle-<label>.json`, or `idle.json` without one.
-    #[arg(long)]
-    label: Option<String>,
-    /// Where the JSON goes.
-    #[arg(long, default_value_os_t = mutual_bench::results_dir())]
-    out: PathBuf,
+    #[command(flatten)]
+    hosted: HostedArgs,
 }
 
 /// One reading of everything the window compares.
@@ -118,7 +106,7 @@ fn read(nodes: &[LocalNode], pids: &[u32]) -> Result<Reading> {
 fn measure(bin: &Path, a: &Args, n: usize) -> Result<Value> {
     let root = tempfile::Builder::new().prefix("mutual-idle-").tempdir()?;
     let started = std::time::Instant::now();
-    let nodes = match start_hosted_cluster(bin, root.path(), n, a.per_process, &a.node_arg) {
+    let nodes = match start_hosted_cluster(bin, root.path(), n, a.per_process, &a.hosted.node_arg) {
         Ok(nodes) => nodes,
         Err(e) => {
             // A cluster that cannot form is a result too: say how far it got.
@@ -176,31 +164,15 @@ fn measure(bin: &Path, a: &Args, n: usize) -> Result<Value> {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let bin = match &a.mutual {
-        Some(p) => p.clone(),
-        None => mutual_bin()?,
-    };
+    let bin = a.hosted.bin()?;
     let mut rows = Vec::new();
     for &n in &a.nodes {
         rows.push(measure(&bin, &a, n)?);
     }
-    let name = match &a.label {
-        Some(l) => format!("idle-{l}.json"),
-        None => "idle.json".into(),
-    };
-    let out = json!({
-        "command": command_line(),
-        "date": today(),
-        "machine": machine(),
-        "mutual": bin.display().to_string(),
-        "node_args": a.node_arg,
+    let results = json!({
         "settle_s": a.settle_s,
         "window_s": a.window_s,
         "sizes": rows,
     });
-    std::fs::create_dir_all(&a.out)?;
-    let path = a.out.join(name);
-    std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
+    a.hosted.write("idle", &bin, results)
 }

@@ -15,7 +15,6 @@
 //! another build.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -23,8 +22,7 @@ use clap::Parser;
 use mutual::client::{Client, metric};
 use mutual::harness::{LocalNode, start_hosted_cluster};
 use mutual_bench::{
-    command_line, host_pids, machine, mutual_bin, process_cpu_s, process_peak_rss_mib,
-    process_rss_mib, sync_messages, today,
+    HostedArgs, host_pids, process_cpu_s, process_peak_rss_mib, process_rss_mib, sync_messages,
 };
 use mutual_core::{JobRequest, Resources};
 use serde_json::json;
@@ -65,19 +63,8 @@ struct Args {
     /// Give up on the load after this many seconds.
     #[arg(long, default_value_t = 900)]
     limit_s: u64,
-    /// An extra argument for every hosted node (repeatable), e.g.
-    /// `--node-arg=--probe-interval=1s`.
-    #[arg(long, allow_hyphen_values = true)]
-    node_arg: Vec<String>,
-    /// The `mutual` binary [default: the one next to this driver].
-    #[arg(long)]
-    mutual: Option<PathBuf>,
-    /// Names the result file: `<out>/load-<label>.json`, or `load.json` without one.
-    #[arg(long)]
-    label: Option<String>,
-    /// Where the JSON goes.
-    #[arg(long, default_value_os_t = mutual_bench::results_dir())]
-    out: PathBuf,
+    #[command(flatten)]
+    hosted: HostedArgs,
 }
 
 /// The cluster's counters summed over its nodes.
@@ -152,15 +139,12 @@ fn main() -> Result<()> {
     if a.nodes == 0 || a.jobs == 0 {
         bail!("--nodes and --jobs must be at least 1");
     }
-    let bin = match &a.mutual {
-        Some(p) => p.clone(),
-        None => mutual_bin()?,
-    };
+    let bin = a.hosted.bin()?;
     let root = tempfile::Builder::new().prefix("mutual-load-").tempdir()?;
     let mut node_args: Vec<String> = vec!["--containers".into(), "off".into()];
     node_args.extend(["--slots".into(), a.slots.to_string()]);
     node_args.extend(["--replicas".into(), a.replicas.to_string()]);
-    node_args.extend(a.node_arg.iter().cloned());
+    node_args.extend(a.hosted.node_arg.iter().cloned());
     let started = Instant::now();
     let nodes = start_hosted_cluster(&bin, root.path(), a.nodes, a.per_process, &node_args)
         .context("starting the cluster")?;
@@ -252,22 +236,7 @@ fn main() -> Result<()> {
         "after_s": a.after_s,
     });
     eprintln!("{row}");
-    let name = match &a.label {
-        Some(l) => format!("load-{l}.json"),
-        None => "load.json".into(),
-    };
-    let out = json!({
-        "command": command_line(),
-        "date": today(),
-        "machine": machine(),
-        "mutual": bin.display().to_string(),
-        "node_args": a.node_arg,
-        "result": row,
-    });
-    std::fs::create_dir_all(&a.out)?;
-    let path = a.out.join(name);
-    std::fs::write(&path, serde_json::to_string_pretty(&out)? + "\n")?;
-    eprintln!("wrote {}", path.display());
+    a.hosted.write("load", &bin, json!({ "result": row }))?;
     if done.len() < ids.len() {
         bail!(
             "{} of {} jobs had not succeeded after {} s",
