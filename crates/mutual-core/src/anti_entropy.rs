@@ -54,6 +54,11 @@ impl Pacer {
         self.hold_ms = hold_ms.max(1);
     }
 
+    /// How long a change is presumed in flight (ms).
+    pub fn hold_ms(&self) -> u64 {
+        self.hold_ms
+    }
+
     /// The replica of `job` changed here at `now_ms` (a local write or new records from a
     /// peer).
     pub fn changed(&mut self, job: JobId, now_ms: u64) {
@@ -100,6 +105,136 @@ impl Pacer {
     }
 }
 
+/// Under placement, anti-entropy sweeps the far holders of a job — the nodes involved in
+/// it that are not ring neighbours — on every this many rounds, one held job per sweep. The
+/// sweep dials about one new connection per node per round in a busy cluster, most of the
+/// 16 dials a job cost 200 hosted nodes. Sweeping every 2nd or 4th round was measured in
+/// the simulator and not kept: 100 nodes with `--replicas 5` then ended runs with far
+/// replicas still differing (every 4th round with each writer also checking its own
+/// writes through a [`FarQueue`]: 2 of the first 5 seeds; checking each write three
+/// times: 1 of 10). See `docs/experiments.md`.
+pub const FAR_SWEEP_EVERY_ROUNDS: u64 = 1;
+/// Most far partners one round's queued jobs bring in (jobs past it wait for a later
+/// round): a burst must not turn one round into a broadcast.
+pub const MAX_FAR_PARTNERS_PER_ROUND: usize = 32;
+/// Times a queued job is compared with its holders: a digest lost, or sent across a
+/// partition, must not leave the job to the sweep, which may never come (the node may
+/// hold the job in nobody's view).
+pub const FAR_COMPARISONS: u32 = 3;
+/// Each comparison after the first waits this many times longer than the one before
+/// (the hold, then 4 holds, then 16): the later ones outlast a partition.
+pub const FAR_BACKOFF: u64 = 4;
+
+/// Jobs whose document this node holds but cannot read yet, to be compared with their
+/// holders: a relayed change reached it and the spec did not. Nobody else knows it lacks
+/// the job, and a node that is a holder in nobody's view any more kept that unreadable
+/// document for good (6 of 30 simulator seeds with `--automerge --replicas 5` ended so).
+/// Each is compared once it has been quiet for the hold (the spec may be on its way), then
+/// [`FAR_COMPARISONS`]` - 1` more times, [`FAR_BACKOFF`] times further apart each; the
+/// digest names it with fingerprint 0, so every holder that has it sends it whole. The
+/// queue takes any job, so a writer could also check its own writes this way.
+#[derive(Debug, Clone, Default)]
+pub struct FarQueue {
+    /// Job → when it last joined the queue or was last compared (the caller's ms).
+    at: HashMap<JobId, u64>,
+    /// Job → comparisons done since it last joined.
+    done: HashMap<JobId, u32>,
+}
+
+impl FarQueue {
+    /// `job` is to be compared with its holders once quiet (again, from `now_ms`).
+    pub fn add(&mut self, job: JobId, now_ms: u64) {
+        if self.at.len() >= MAX_TRACKED_JOBS {
+            bound(&mut self.at);
+            let at = &self.at;
+            self.done.retain(|id, _| at.contains_key(id));
+        }
+        self.at.insert(job, now_ms);
+        self.done.remove(&job);
+    }
+
+    /// Jobs due for a comparison, oldest first (ties by id, so runs repeat): added at least
+    /// `hold_ms` ago, or compared `n` times and last [`FAR_BACKOFF`]`^n` holds ago. The
+    /// caller reports what it compared with [`FarQueue::compared`].
+    pub fn quiet(&self, now_ms: u64, hold_ms: u64) -> Vec<JobId> {
+        let mut due: Vec<(u64, JobId)> = self
+            .at
+            .iter()
+            .filter(|(id, at)| {
+                let n = self.done.get(*id).copied().unwrap_or(0);
+                let wait = hold_ms.saturating_mul(FAR_BACKOFF.saturating_pow(n));
+                now_ms.saturating_sub(**at) >= wait
+            })
+            .map(|(id, at)| (*at, *id))
+            .collect();
+        due.sort_unstable();
+        due.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// `job` was compared with its holders at `now_ms`: after the last of
+    /// [`FAR_COMPARISONS`] it is forgotten until it is added again.
+    pub fn compared(&mut self, job: &JobId, now_ms: u64) {
+        let n = self.done.get(job).copied().unwrap_or(0) + 1;
+        if n >= FAR_COMPARISONS {
+            self.at.remove(job);
+            self.done.remove(job);
+        } else if let Some(at) = self.at.get_mut(job) {
+            *at = now_ms;
+            self.done.insert(*job, n);
+        }
+    }
+
+    /// Jobs waiting.
+    pub fn len(&self) -> usize {
+        self.at.len()
+    }
+
+    /// Whether none wait.
+    pub fn is_empty(&self) -> bool {
+        self.at.is_empty()
+    }
+
+    /// Forgets everything (a restart: the catch-up compares everything anyway).
+    pub fn clear(&mut self) {
+        self.at.clear();
+        self.done.clear();
+    }
+}
+
+/// This round's far partners: the holders of the quiet queued jobs, oldest first, until
+/// adding the next job's holders would pass [`MAX_FAR_PARTNERS_PER_ROUND`] (the first job
+/// always goes); then, on every [`FAR_SWEEP_EVERY_ROUNDS`]th round, the holders of
+/// `sweep` (the next held job in the caller's rotation). Returns the partners, sorted and
+/// without duplicates, and the queued jobs they cover, to mark compared.
+pub fn far_partners<N: Ord + Clone>(
+    quiet: &[JobId],
+    round: u64,
+    sweep: Option<JobId>,
+    mut holders: impl FnMut(&JobId) -> Vec<N>,
+) -> (Vec<N>, Vec<JobId>) {
+    let mut out: Vec<N> = Vec::new();
+    let mut covered = Vec::new();
+    for job in quiet {
+        let mut with = out.clone();
+        with.extend(holders(job));
+        with.sort();
+        with.dedup();
+        if !covered.is_empty() && with.len() > MAX_FAR_PARTNERS_PER_ROUND {
+            break;
+        }
+        out = with;
+        covered.push(*job);
+    }
+    if round.is_multiple_of(FAR_SWEEP_EVERY_ROUNDS)
+        && let Some(job) = sweep
+    {
+        out.extend(holders(&job));
+        out.sort();
+        out.dedup();
+    }
+    (out, covered)
+}
+
 /// Keeps a table under [`MAX_TRACKED_JOBS`] by dropping its older half.
 fn bound(table: &mut HashMap<JobId, u64>) {
     if table.len() < MAX_TRACKED_JOBS {
@@ -137,6 +272,71 @@ mod tests {
         assert!(p.should_send(job(1), 6_100, false));
         // Sent: the next difference starts afresh.
         assert!(!p.should_send(job(1), 6_200, false));
+    }
+
+    #[test]
+    fn queued_jobs_wait_for_the_hold_and_are_compared_three_times() {
+        let mut w = FarQueue::default();
+        w.add(job(1), 1_000);
+        w.add(job(2), 500);
+        w.add(job(3), 1_900);
+        assert!(w.quiet(1_400, 1_000).is_empty(), "nothing quiet yet");
+        assert_eq!(w.quiet(2_000, 1_000), vec![job(2), job(1)]);
+        // A new write starts its hold again.
+        w.add(job(2), 1_950);
+        assert_eq!(w.quiet(2_000, 1_000), vec![job(1)]);
+        w.compared(&job(1), 2_000);
+        assert_eq!(
+            w.quiet(5_000, 1_000),
+            vec![job(3), job(2)],
+            "oldest write first"
+        );
+        // Compared once at 2 s: next due 4 holds later, then 16 holds after the second.
+        assert_eq!(w.quiet(6_000, 1_000), vec![job(3), job(2), job(1)]);
+        w.compared(&job(1), 6_000);
+        assert!(!w.quiet(21_999, 1_000).contains(&job(1)));
+        assert!(w.quiet(22_000, 1_000).contains(&job(1)));
+        w.compared(&job(1), 22_000);
+        assert!(!w.quiet(1_000_000, 1_000).contains(&job(1)), "done after 3");
+        assert_eq!(w.len(), 2);
+        // A new write starts over.
+        w.add(job(1), 30_000);
+        assert!(w.quiet(31_000, 1_000).contains(&job(1)));
+    }
+
+    #[test]
+    fn far_partners_are_capped_and_the_sweep_runs_every_few_rounds() {
+        // Job i's holders: i*20 ..= i*20+20 (21 nodes), so two jobs exceed the cap.
+        let holders = |j: &JobId| -> Vec<u32> {
+            let b = u32::from(j.0[0]) * 20;
+            (b..=b + 20).collect()
+        };
+        let quiet = [job(1), job(2), job(3)];
+        let (out, covered) = far_partners(&quiet, 1, None, holders);
+        assert_eq!(covered, vec![job(1)], "job 2 would pass the cap: it waits");
+        assert_eq!(out, (20..=40).collect::<Vec<u32>>());
+        // One job always goes, however many holders it has.
+        let many = |_: &JobId| -> Vec<u32> { (0..100).collect() };
+        let (out, covered) = far_partners(&quiet, 1, None, many);
+        assert_eq!((out.len(), covered.len()), (100, 1));
+        // Nothing queued: only the sweep, on its rounds.
+        for round in 1..=2 * FAR_SWEEP_EVERY_ROUNDS {
+            let (out, covered) = far_partners(&[], round, Some(job(9)), holders);
+            assert!(covered.is_empty());
+            if round.is_multiple_of(FAR_SWEEP_EVERY_ROUNDS) {
+                assert_eq!(out, (180..=200).collect::<Vec<u32>>());
+            } else {
+                assert!(out.is_empty());
+            }
+        }
+        // Overlapping holders count once: jobs 1 and 2 share 20..=30.
+        let small = |j: &JobId| -> Vec<u32> {
+            let b = u32::from(j.0[0]) * 10;
+            (b..b + 12).collect()
+        };
+        let (out, covered) = far_partners(&quiet[..2], 1, None, small);
+        assert_eq!(covered, vec![job(1), job(2)]);
+        assert_eq!(out, (10..32).collect::<Vec<u32>>());
     }
 
     #[test]

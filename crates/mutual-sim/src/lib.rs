@@ -34,7 +34,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::rc::Rc;
 
-use mutual_core::anti_entropy::Pacer;
+use mutual_core::anti_entropy::{FAR_SWEEP_EVERY_ROUNDS, FarQueue, Pacer, far_partners};
 use mutual_core::derive::derive_state;
 use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
@@ -433,6 +433,10 @@ struct SimNode {
     ae_pacer: Pacer,
     /// Under placement: the held job whose holders the next anti-entropy round asks.
     ae_cursor: usize,
+    /// Anti-entropy rounds so far (the far sweep runs on every few).
+    ae_round: u64,
+    /// Jobs whose document it cannot read yet (`anti_entropy::FarQueue`).
+    far: FarQueue,
     execs: HashMap<JobId, RunningExec>,
     killed: bool,
     group: u8,
@@ -566,6 +570,8 @@ impl Sim {
                 passive_rounds: 0,
                 ae_pacer: Pacer::new(cfg.settle_ms),
                 ae_cursor: 0,
+                ae_round: 0,
+                far: FarQueue::default(),
                 execs: HashMap::new(),
                 killed: false,
                 group: 0,
@@ -827,6 +833,7 @@ impl Sim {
         node.engine = Some(engine);
         node.passive_rounds = 0;
         node.ae_pacer.clear();
+        node.far.clear();
         let inc = node.inc;
         self.exec_cmds(i, cmds);
         self.exec_cmds(i, more);
@@ -1080,8 +1087,14 @@ impl Sim {
                 let new = if known.is_some_and(|k| k.spec.is_some()) {
                     doc.records_since(&before)
                 } else {
-                    // Before the creator's first change arrives the document does not decode.
-                    let Ok(view) = doc.view() else { return };
+                    // Before the creator's first change arrives the document does not decode:
+                    // ask the job's holders for it once quiet (as `mutual node` does).
+                    let Ok(view) = doc.view() else {
+                        if self.cfg.replicas > 0 {
+                            self.nodes[to as usize].far.add(job, self.now);
+                        }
+                        return;
+                    };
                     Ok(view.records().collect())
                 };
                 match new {
@@ -1598,18 +1611,27 @@ impl Sim {
         }
     }
 
-    /// Fingerprints of the jobs node `i` holds that `peer` should hold too.
+    /// Fingerprints of the jobs node `i` holds that `peer` should hold too, and (as
+    /// `mutual node` does) 0 for each document it holds but cannot read yet.
     fn digest(&self, i: u32, peer: u32) -> Vec<(JobId, u64)> {
-        self.nodes[i as usize]
-            .engine
-            .as_ref()
-            .map(|e| {
-                e.views()
-                    .filter(|(id, _)| self.shares(i, id, peer))
-                    .map(|(id, v)| (*id, v.fingerprint()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let node = &self.nodes[i as usize];
+        let Some(e) = node.engine.as_ref() else {
+            return Vec::new();
+        };
+        let mut out: Vec<(JobId, u64)> = e
+            .views()
+            .filter(|(id, _)| self.shares(i, id, peer))
+            .map(|(id, v)| (*id, v.fingerprint()))
+            .collect();
+        if self.cfg.automerge && self.cfg.replicas > 0 {
+            out.extend(
+                node.docs
+                    .ids()
+                    .filter(|id| e.view(id).is_none() && self.shares(i, id, peer))
+                    .map(|id| (*id, 0)),
+            );
+        }
+        out
     }
 
     /// Whether, in node `i`'s view, `peer` should hold `job`.
@@ -1620,9 +1642,10 @@ impl Sim {
     /// Node `i`'s anti-entropy partners this round. Under full replication one random
     /// node it believes alive. Under placement, as `mutual node` picks them: one of its
     /// `k` live ring neighbours on either side (who hold most of the jobs it holds as a
-    /// replica), and every other holder of the next job in turn (the nodes involved in a
-    /// job are anywhere on the ring), so each job is compared with each of its holders
-    /// once per pass over the jobs held.
+    /// replica), and the far holders (`anti_entropy::far_partners`): every holder of the
+    /// jobs whose document it cannot read yet, once they are quiet, and every holder of the
+    /// next held job in turn (the nodes involved in a job are anywhere on the ring), so
+    /// each job is compared with each of its holders once per pass over the jobs held.
     fn ae_partners(&mut self, i: u32) -> Vec<u32> {
         let n = self.nodes.len() as u32;
         if self.cfg.replicas == 0 {
@@ -1646,12 +1669,21 @@ impl Sim {
             .as_ref()
             .map(|e| e.views().map(|(id, _)| *id).collect())
             .unwrap_or_default();
-        if !jobs.is_empty() {
-            let node = &mut self.nodes[i as usize];
+        let now = self.now;
+        let node = &mut self.nodes[i as usize];
+        node.ae_round = node.ae_round.wrapping_add(1);
+        let round = node.ae_round;
+        let sweep = (!jobs.is_empty() && round.is_multiple_of(FAR_SWEEP_EVERY_ROUNDS)).then(|| {
             let job = jobs[node.ae_cursor % jobs.len()];
             node.ae_cursor = node.ae_cursor.wrapping_add(1);
-            out.extend(self.holders(i, &job));
+            job
+        });
+        let quiet = node.far.quiet(now, node.ae_pacer.hold_ms());
+        let (far, covered) = far_partners(&quiet, round, sweep, |job| self.holders(i, job));
+        for job in &covered {
+            self.nodes[i as usize].far.compared(job, now);
         }
+        out.extend(far);
         out.sort_unstable();
         out.dedup();
         out
@@ -2081,8 +2113,9 @@ impl Sim {
                             invariant: Invariant::Convergence,
                             job: Some(id),
                             detail: format!(
-                                "node {:?}: automerge document and replica differ",
-                                node.id
+                                "node {:?}: automerge document and replica differ: {}",
+                                node.id,
+                                doc_engine_difference(doc_view.as_ref(), engine_view)
                             ),
                         });
                         break;
@@ -2230,4 +2263,23 @@ impl Sim {
 /// Runs one simulation.
 pub fn run(cfg: SimConfig) -> Summary {
     Sim::new(cfg).run()
+}
+
+/// What a node's document holds that its engine's replica lacks, and the reverse (a
+/// violation's detail).
+fn doc_engine_difference(
+    doc: Option<&Result<JobView, mutual_core::doc::DocError>>,
+    engine: Option<&JobView>,
+) -> String {
+    let doc = match doc {
+        None => return "no document".into(),
+        Some(Err(e)) => return format!("document does not decode: {e}"),
+        Some(Ok(d)) => d,
+    };
+    let Some(engine) = engine else {
+        return "no replica in the engine".into();
+    };
+    let only_doc: Vec<Record> = doc.records().filter(|r| !engine.contains(r)).collect();
+    let only_engine: Vec<Record> = engine.records().filter(|r| !doc.contains(r)).collect();
+    format!("only in the document: {only_doc:?}; only in the replica: {only_engine:?}")
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use mutual_core::anti_entropy::Pacer;
+use mutual_core::anti_entropy::{FAR_SWEEP_EVERY_ROUNDS, FarQueue, Pacer, far_partners};
 use mutual_core::doc::JobDoc;
 use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{
@@ -674,6 +674,8 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         alive_ring: vec![id],
         scheme,
         ae_cursor: 0,
+        ae_round: 0,
+        far: FarQueue::default(),
         neighbours: Vec::new(),
         probed_at: HashMap::new(),
         rtt: None,
@@ -852,8 +854,13 @@ struct Node {
     alive_ring: Vec<NodeId>,
     /// Where job documents live (`--replicas`): on every node, or placed.
     scheme: Scheme,
-    /// Under placement: the held job whose holders the next anti-entropy round asks.
+    /// Under placement: the held job whose holders the next far sweep asks.
     ae_cursor: usize,
+    /// Anti-entropy rounds so far (the far sweep runs on every few).
+    ae_round: u64,
+    /// Under placement: jobs whose document this node cannot read yet, to compare with
+    /// their holders once quiet.
+    far: FarQueue,
     /// Its overlay neighbours on that ring (see [`overlay::neighbours`]).
     neighbours: Vec<NodeId>,
     /// When each watched node was last probed, for round-trip samples.
@@ -1793,14 +1800,27 @@ impl Node {
     }
 
     /// Fingerprints of the jobs `peer` should hold too: all of them under full
-    /// replication, under placement those it is a holder of in this node's view.
+    /// replication, under placement those it is a holder of in this node's view, and 0
+    /// for each document held here that does not decode yet (the peer sends it whole).
     fn digest(&self, peer: &NodeId) -> Vec<(JobId, u64)> {
-        self.engine
+        let mut out: Vec<(JobId, u64)> = self
+            .engine
             .views()
             .filter(|(id, _)| self.shares(id, peer))
             .take(wire::MAX_DIGEST_JOBS)
             .map(|(id, v)| (*id, v.fingerprint()))
-            .collect()
+            .collect();
+        if matches!(self.scheme, Scheme::Placed { .. }) {
+            let room = wire::MAX_DIGEST_JOBS.saturating_sub(out.len());
+            out.extend(
+                self.docs
+                    .ids()
+                    .filter(|id| self.engine.view(id).is_none() && self.shares(id, peer))
+                    .take(room)
+                    .map(|id| (*id, 0)),
+            );
+        }
+        out
     }
 
     /// Whether `peer` should hold `job`'s document (so anti-entropy compares it).
@@ -1814,10 +1834,12 @@ impl Node {
     /// Partners for job anti-entropy this round. Under full replication a random overlay
     /// neighbour. Under placement, one of the `k` live ring neighbours on either side (who
     /// hold most of the jobs this node holds as a replica: `placement::ring_neighbours`),
-    /// and every other holder of the next held job in turn (the nodes involved in a job
-    /// are anywhere on the ring), so each job is compared with each of its holders once per
-    /// pass over the jobs held. Picking one random holder of one random job instead left
-    /// a far holder's difference unrepaired for minutes in the simulator.
+    /// and the far holders (the nodes involved in a job are anywhere on the ring) that
+    /// `anti_entropy::far_partners` picks: every holder of the jobs whose document this
+    /// node cannot read yet, once they are quiet, and every holder of the next held job in
+    /// turn, so each job is compared with each of its holders once per pass over the jobs
+    /// held. Picking one random holder of one random job instead left a far holder's
+    /// difference unrepaired for minutes in the simulator.
     fn ae_partners(&mut self) -> Vec<NodeId> {
         let Scheme::Placed { k } = self.scheme else {
             return self.random_neighbour().into_iter().collect();
@@ -1828,14 +1850,23 @@ impl Node {
             .choose(&mut rand::rng())
             .into_iter()
             .collect();
+        self.ae_round = self.ae_round.wrapping_add(1);
+        let round = self.ae_round;
         let held = self.docs.len();
-        if held > 0 {
+        let sweep = if held > 0 && round.is_multiple_of(FAR_SWEEP_EVERY_ROUNDS) {
             let pick = self.ae_cursor % held;
             self.ae_cursor = self.ae_cursor.wrapping_add(1);
-            if let Some(job) = self.docs.ids().nth(pick).copied() {
-                out.extend(self.holders(&job, k));
-            }
+            self.docs.ids().nth(pick).copied()
+        } else {
+            None
+        };
+        let now = now_ms();
+        let quiet = self.far.quiet(now, self.ae_pacer.hold_ms());
+        let (far, covered) = far_partners(&quiet, round, sweep, |job| self.holders(job, k));
+        for job in &covered {
+            self.far.compared(job, now);
         }
+        out.extend(far);
         out.sort();
         out.dedup();
         out
@@ -2150,8 +2181,13 @@ impl Node {
         }
         let changed = doc.heads() != before;
         let known = self.engine.view(&job);
+        let placed = matches!(self.scheme, Scheme::Placed { .. });
         let records: Vec<Record> = if !changed {
             // Nothing new (a duplicate, or changes still waiting for their dependencies).
+            if known.is_none() && placed {
+                // A document this node cannot read: ask the job's holders once quiet.
+                self.far.add(job, now);
+            }
             Vec::new()
         } else if known.is_some_and(|k| k.spec.is_some()) {
             // The engine holds everything this document held before: decode what changed.
@@ -2164,7 +2200,12 @@ impl Node {
             }
         } else {
             // Before the creator's first change arrives the document does not decode yet.
+            // Under placement nobody else may know this node lacks it (a relay reached it,
+            // the spec did not): it asks the job's holders once quiet (`FarQueue`).
             let Ok(view) = doc.view() else {
+                if placed {
+                    self.far.add(job, now);
+                }
                 return changed;
             };
             if view.spec.as_ref().is_some_and(|s| s.id != job) {
