@@ -235,6 +235,98 @@ fn a_node_with_the_wrong_secret_cannot_join() {
 }
 
 #[test]
+fn a_node_of_an_older_protocol_version_is_refused_with_the_reason() {
+    // An older `mutual` dials with the previous node-protocol ALPN: it must be told why it
+    // cannot join (the refusal's close code and reason, which it logs), not time out.
+    let (_g, _dir, _bin, nodes) = cluster(1, &[]);
+    let ticket: mutual::ticket::Ticket = nodes[0].ticket.parse().expect("ticket");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let closed = rt.block_on(async {
+        let ep = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+            .relay_mode(iroh::RelayMode::Disabled)
+            .bind()
+            .await
+            .expect("endpoint");
+        let key = iroh::PublicKey::from_bytes(&ticket.endpoint).expect("key");
+        let addr = mutual::net::endpoint_addr(key, &ticket.addrs);
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            ep.connect(addr, mutual::wire::OLD_ALPNS[0]),
+        )
+        .await
+        .expect("connect in time")
+        .expect("the handshake succeeds: the old version is still offered");
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("closed in time");
+        ep.close().await;
+        reason
+    });
+    let iroh::endpoint::ConnectionError::ApplicationClosed(c) = closed else {
+        panic!("not refused by the node: {closed:?}");
+    };
+    assert_eq!(
+        c.error_code,
+        iroh::endpoint::VarInt::from_u32(mutual::net::REFUSED)
+    );
+    let reason = String::from_utf8_lossy(&c.reason);
+    assert!(
+        reason.contains("mutual/node/1") && reason.contains("same mutual version"),
+        "{reason}"
+    );
+    let metrics = nodes[0].client().metrics().expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("mutual_connections_refused_total") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_dial_to_an_older_protocol_version_fails_with_an_error_that_says_protocol() {
+    // The other direction: a node of this version dials an older one, which does not offer
+    // `wire::ALPN`. The link tells the user only if the handshake error mentions the
+    // protocol (`net.rs`); this pins that iroh's error does.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let err = rt.block_on(async {
+        let bind = |alpns: Vec<Vec<u8>>| async move {
+            iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
+                .relay_mode(iroh::RelayMode::Disabled)
+                .alpns(alpns)
+                .bind()
+                .await
+                .expect("endpoint")
+        };
+        let old = bind(vec![mutual::wire::OLD_ALPNS[0].to_vec()]).await;
+        let new = bind(Vec::new()).await;
+        let server = old.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                let _ = incoming.await;
+            }
+        });
+        let addrs: Vec<std::net::SocketAddr> = old.bound_sockets();
+        let addrs: Vec<std::net::SocketAddr> = addrs
+            .into_iter()
+            .map(|a| (std::net::Ipv4Addr::LOCALHOST, a.port()).into())
+            .collect();
+        let addr = mutual::net::endpoint_addr(old.id(), &addrs);
+        let got = tokio::time::timeout(
+            Duration::from_secs(10),
+            new.connect(addr, mutual::wire::ALPN),
+        )
+        .await
+        .expect("fails in time");
+        new.close().await;
+        old.close().await;
+        got.err().map(|e| e.to_string())
+    });
+    let err = err.expect("the handshake must fail");
+    assert!(err.contains("protocol"), "{err}");
+}
+
+#[test]
 fn cancel_and_timeout_kill_the_process() {
     let (_g, dir, _, nodes) = cluster(2, &[]);
     let c = nodes[0].client();

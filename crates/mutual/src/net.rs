@@ -254,6 +254,7 @@ impl Transport {
         // A link holds a connection only while it has something to send: the frame that
         // woke it waits here until a connection is up.
         let mut pending: Option<Arc<Vec<u8>>> = None;
+        let mut told_version = false;
         loop {
             if pending.is_none() {
                 match rx.recv().await {
@@ -268,7 +269,21 @@ impl Transport {
             .await
             {
                 Ok(Ok(c)) => c,
-                _ => {
+                failed => {
+                    // A peer of another protocol version fails the handshake: there is no
+                    // common ALPN. Say so once; other failures are a dead or moved peer.
+                    if let Ok(Err(e)) = &failed
+                        && !told_version
+                        && e.to_string().contains("protocol")
+                    {
+                        told_version = true;
+                        tracing::warn!(
+                            %peer,
+                            "cannot connect: {e} (does it run another mutual version? this \
+                             node speaks {})",
+                            String::from_utf8_lossy(wire::ALPN)
+                        );
+                    }
                     // The node dropped this link (the peer moved, or we are shutting down).
                     if rx.is_closed() {
                         return;
@@ -345,6 +360,15 @@ impl Transport {
                 }
             }
         }
+    }
+
+    /// Refuses an inbound connection of an older node-protocol version
+    /// ([`wire::OLD_ALPNS`]) with the reason, which the older node logs.
+    pub fn refuse_version(&self, conn: Connection) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let why = wire::version_refusal(conn.alpn());
+        tracing::warn!(peer = %conn.remote_id(), "refused a connection: {why}");
+        conn.close(VarInt::from_u32(REFUSED), why.as_bytes());
     }
 
     /// Serves one inbound connection of the job protocol ([`wire::ALPN`]).

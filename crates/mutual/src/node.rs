@@ -517,6 +517,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         .secret_key(iroh::SecretKey::generate())
         .alpns(
             std::iter::once(wire::ALPN.to_vec())
+                .chain(wire::OLD_ALPNS.iter().map(|a| a.to_vec()))
                 .chain(Blobs::alpns())
                 .collect(),
         )
@@ -619,6 +620,8 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
                     let _open = net::OpenConn::new(&stats.accepted_open);
                     if conn.alpn() == wire::ALPN {
                         t.serve(conn).await;
+                    } else if wire::OLD_ALPNS.contains(&conn.alpn()) {
+                        t.refuse_version(conn);
                     } else {
                         blobs.accept(conn).await;
                     }

@@ -13,8 +13,25 @@ use mutual_core::{JobId, NodeId, Resources};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// The one ALPN of the node protocol.
-pub const ALPN: &[u8] = b"mutual/node/1";
+/// The ALPN of the node protocol. The number is the protocol's version: it changes with
+/// any change to [`Msg`] that an older node would decode wrongly or not at all (2 added
+/// [`Msg::Changes`]`::sent`). Nodes of different versions do not talk: an older node that
+/// dials this one is refused with [`version_refusal`], and this node's dial to an older
+/// one fails in the handshake (no common protocol), which the link logs.
+pub const ALPN: &[u8] = b"mutual/node/2";
+/// Earlier versions of [`ALPN`] that this node still accepts, only to refuse them with a
+/// reason the older node logs (it understands the refusal's close code).
+pub const OLD_ALPNS: &[&[u8]] = &[b"mutual/node/1"];
+
+/// Why a connection of an older node-protocol version is refused.
+pub fn version_refusal(theirs: &[u8]) -> String {
+    format!(
+        "this node speaks {}, the dialling node {}: every member must run the same mutual \
+         version (upgrade the older nodes)",
+        String::from_utf8_lossy(ALPN),
+        String::from_utf8_lossy(theirs)
+    )
+}
 /// Largest frame accepted.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 /// Most job documents in one [`Msg::Docs`] (large answers are split).
