@@ -39,7 +39,7 @@ use mutual_core::derive::derive_state;
 use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
 use mutual_core::invariants::{self, Invariant, Violation};
-use mutual_core::membership::Detector;
+use mutual_core::membership::{Detector, DownRepeats};
 use mutual_core::view::{ExecMetrics, Outcome, Record};
 use mutual_core::{FencingToken, JobId, JobRequest, JobState, JobView, NodeId, Resources};
 use rand::{Rng, SeedableRng};
@@ -437,6 +437,8 @@ struct SimNode {
     ae_round: u64,
     /// Jobs whose document it cannot read yet (`anti_entropy::FarQueue`).
     far: FarQueue,
+    /// Its judgements to broadcast again (`membership::DownRepeats`).
+    downs: DownRepeats<u32>,
     execs: HashMap<JobId, RunningExec>,
     killed: bool,
     group: u8,
@@ -572,6 +574,7 @@ impl Sim {
                 ae_cursor: 0,
                 ae_round: 0,
                 far: FarQueue::default(),
+                downs: DownRepeats::default(),
                 execs: HashMap::new(),
                 killed: false,
                 group: 0,
@@ -834,6 +837,7 @@ impl Sim {
         node.passive_rounds = 0;
         node.ae_pacer.clear();
         node.far.clear();
+        node.downs.clear();
         let inc = node.inc;
         self.exec_cmds(i, cmds);
         self.exec_cmds(i, more);
@@ -1409,6 +1413,17 @@ impl Sim {
             self.mark(i, t, false);
             let id = self.nodes[t as usize].id;
             self.feed(i, Event::Suspect(id), None);
+            self.broadcast(i, Msg::Down(t));
+            let timeout = self.cfg.fd_timeout_ms;
+            self.nodes[i as usize].downs.judged(t, self.now, timeout);
+        }
+        // As `mutual node` does: repeat the judgements that still hold.
+        let node = &mut self.nodes[i as usize];
+        let det = &node.det;
+        let again = node.downs.due(self.now, self.cfg.fd_timeout_ms, |t| {
+            !det.is_alive(*t as usize)
+        });
+        for t in again {
             self.broadcast(i, Msg::Down(t));
         }
         // Every few ticks, probe the nodes believed dead between this node and its last

@@ -24,7 +24,7 @@ use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{
     CancelOutcome, Command, Engine, EngineConfig, EngineError, Event, StopReason,
 };
-use mutual_core::membership::Detector;
+use mutual_core::membership::{Detector, DownRepeats};
 use mutual_core::overlay;
 use mutual_core::placement::{self, Scheme};
 use mutual_core::view::Record;
@@ -62,14 +62,6 @@ pub const NET_QUEUE: usize = 8_192;
 pub const PASSIVE_FALLBACK_ROUNDS: u32 = 3;
 /// Nodes believed dead near this one on the ring are re-probed once per this many ticks.
 pub const REPROBE_EVERY_TICKS: u64 = 5;
-/// A node that judged a member dead broadcasts the judgement again this many failure
-/// timeouts later, if it still holds. The first broadcast goes down a tree built before
-/// the other members that died at the same moment were judged, and every branch through
-/// them is lost: in E2 at 100 hosted agents with `--replicas 5` (10 killed at once), 38
-/// of the 90 survivors never learnt of one death, and the jobs that their holders saw
-/// running there stayed running on a dead node. By the second broadcast those members
-/// are judged too, and the tree goes around them.
-pub const DOWN_REBROADCAST_TIMEOUTS: u64 = 2;
 /// A node announces a change of its load (free resources, running jobs) to every member at
 /// most once per this many milliseconds per live member (and never more often than
 /// [`Timing::info_interval_ms`]): every 10 s at 10 members, every 500 s at 500. The
@@ -667,7 +659,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         ticks: 0,
         last_tick_ms: now,
         late_ticks: 0,
-        rebroadcast: Vec::new(),
+        downs: DownRepeats::default(),
         detection_ms: Histogram::new([100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 5000.0]),
         judged_total: 0,
         members_dirty: false,
@@ -841,9 +833,9 @@ struct Node {
     ticks: u64,
     last_tick_ms: u64,
     late_ticks: u64,
-    /// Deaths this node judged, to broadcast again at the given local time (ms), if it
-    /// still believes them ([`DOWN_REBROADCAST_TIMEOUTS`]).
-    rebroadcast: Vec<(u64, NodeId)>,
+    /// Deaths this node judged, to broadcast again while it still believes them
+    /// (`membership::DOWN_REPEATS`).
+    downs: DownRepeats<NodeId>,
     detection_ms: Histogram,
     judged_total: u64,
     members_dirty: bool,
@@ -1672,19 +1664,14 @@ impl Node {
             self.mark(id, false, now);
             self.feed(now, Event::Suspect(id));
             self.broadcast(Bcast::Down(id));
-            if self.rebroadcast.len() < wire::MAX_MEMBERS {
-                let due = now.saturating_add(timeout.saturating_mul(DOWN_REBROADCAST_TIMEOUTS));
-                self.rebroadcast.push((due, id));
-            }
+            self.downs.judged(id, now, timeout);
         }
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.rebroadcast)
-            .into_iter()
-            .partition(|(at, _)| *at <= now);
-        self.rebroadcast = later;
-        for (_, id) in due {
-            if self.members.get(&id).is_some_and(|m| !m.alive) {
-                self.broadcast(Bcast::Down(id));
-            }
+        let members = &self.members;
+        let again = self.downs.due(now, self.det.timeout_ms(), |id| {
+            members.get(id).is_some_and(|m| !m.alive)
+        });
+        for id in again {
+            self.broadcast(Bcast::Down(id));
         }
         if self.ticks.is_multiple_of(REPROBE_EVERY_TICKS) {
             for k in self.det.reprobe() {
