@@ -433,7 +433,8 @@ struct SimNode {
     ae_pacer: Pacer,
     /// Under placement: the held job whose holders the next anti-entropy round asks.
     ae_cursor: usize,
-    /// Anti-entropy rounds so far (the far sweep runs on every few).
+    /// Anti-entropy rounds so far (the far sweep runs on every
+    /// `anti_entropy::FAR_SWEEP_EVERY_ROUNDS`th).
     ae_round: u64,
     /// Jobs whose document it cannot read yet (`anti_entropy::FarQueue`).
     far: FarQueue,

@@ -851,7 +851,8 @@ struct Node {
     scheme: Scheme,
     /// Under placement: the held job whose holders the next far sweep asks.
     ae_cursor: usize,
-    /// Anti-entropy rounds so far (the far sweep runs on every few).
+    /// Anti-entropy rounds so far (the far sweep runs on every
+    /// `anti_entropy::FAR_SWEEP_EVERY_ROUNDS`th).
     ae_round: u64,
     /// Under placement: jobs whose document this node cannot read yet, to compare with
     /// their holders once quiet.
