@@ -105,15 +105,6 @@ impl Pacer {
     }
 }
 
-/// Under placement, anti-entropy sweeps the far holders of a job — the nodes involved in
-/// it that are not ring neighbours — on every this many rounds, one held job per sweep. The
-/// sweep dials about one new connection per node per round in a busy cluster, most of the
-/// 16 dials a job cost 200 hosted nodes. Sweeping every 2nd or 4th round was measured in
-/// the simulator and not kept: 100 nodes with `--replicas 5` then ended runs with far
-/// replicas still differing (every 4th round with each writer also checking its own
-/// writes through a [`FarQueue`]: 2 of the first 5 seeds; checking each write three
-/// times: 1 of 10). See `docs/experiments.md`.
-pub const FAR_SWEEP_EVERY_ROUNDS: u64 = 1;
 /// Most far partners one round's queued jobs bring in (jobs past it wait for a later
 /// round): a burst must not turn one round into a broadcast.
 pub const MAX_FAR_PARTNERS_PER_ROUND: usize = 32;
@@ -201,14 +192,21 @@ impl FarQueue {
     }
 }
 
-/// This round's far partners: the holders of the quiet queued jobs, oldest first, until
-/// adding the next job's holders would pass [`MAX_FAR_PARTNERS_PER_ROUND`] (the first job
-/// always goes); then, on every [`FAR_SWEEP_EVERY_ROUNDS`]th round, the holders of
-/// `sweep` (the next held job in the caller's rotation). Returns the partners, sorted and
-/// without duplicates, and the queued jobs they cover, to mark compared.
+/// This round's far partners — holders of a job that are not ring neighbours: the holders
+/// of the quiet queued jobs, oldest first, until adding the next job's holders would pass
+/// [`MAX_FAR_PARTNERS_PER_ROUND`] (the first job always goes); then the holders of `sweep`,
+/// the next held job in the caller's rotation, so each job is compared with each of its
+/// holders once per pass. Returns the partners, sorted and without duplicates, and the
+/// queued jobs they cover, to mark compared.
+///
+/// The sweep dials about one new connection per node per round in a busy cluster, most of
+/// the 16 dials a job cost 200 hosted nodes. Sweeping only every 2nd or 4th round was
+/// measured in the simulator and not kept: 100 nodes with `--replicas 5` then ended runs
+/// with far replicas still differing (every 4th round with each writer also checking its
+/// own writes through a [`FarQueue`]: 2 of the first 5 seeds; checking each write three
+/// times: 1 of 10). See `docs/experiments.md`.
 pub fn far_partners<N: Ord + Clone>(
     quiet: &[JobId],
-    round: u64,
     sweep: Option<JobId>,
     mut holders: impl FnMut(&JobId) -> Vec<N>,
 ) -> (Vec<N>, Vec<JobId>) {
@@ -225,9 +223,7 @@ pub fn far_partners<N: Ord + Clone>(
         out = with;
         covered.push(*job);
     }
-    if round.is_multiple_of(FAR_SWEEP_EVERY_ROUNDS)
-        && let Some(job) = sweep
-    {
+    if let Some(job) = sweep {
         out.extend(holders(&job));
         out.sort();
         out.dedup();
@@ -312,29 +308,23 @@ mod tests {
             (b..=b + 20).collect()
         };
         let quiet = [job(1), job(2), job(3)];
-        let (out, covered) = far_partners(&quiet, 1, None, holders);
+        let (out, covered) = far_partners(&quiet, None, holders);
         assert_eq!(covered, vec![job(1)], "job 2 would pass the cap: it waits");
         assert_eq!(out, (20..=40).collect::<Vec<u32>>());
         // One job always goes, however many holders it has.
         let many = |_: &JobId| -> Vec<u32> { (0..100).collect() };
-        let (out, covered) = far_partners(&quiet, 1, None, many);
+        let (out, covered) = far_partners(&quiet, None, many);
         assert_eq!((out.len(), covered.len()), (100, 1));
-        // Nothing queued: only the sweep, on its rounds.
-        for round in 1..=2 * FAR_SWEEP_EVERY_ROUNDS {
-            let (out, covered) = far_partners(&[], round, Some(job(9)), holders);
-            assert!(covered.is_empty());
-            if round.is_multiple_of(FAR_SWEEP_EVERY_ROUNDS) {
-                assert_eq!(out, (180..=200).collect::<Vec<u32>>());
-            } else {
-                assert!(out.is_empty());
-            }
-        }
+        // Nothing queued: only the sweep.
+        let (out, covered) = far_partners(&[], Some(job(9)), holders);
+        assert!(covered.is_empty());
+        assert_eq!(out, (180..=200).collect::<Vec<u32>>());
         // Overlapping holders count once: jobs 1 and 2 share 20..=30.
         let small = |j: &JobId| -> Vec<u32> {
             let b = u32::from(j.0[0]) * 10;
             (b..b + 12).collect()
         };
-        let (out, covered) = far_partners(&quiet[..2], 1, None, small);
+        let (out, covered) = far_partners(&quiet[..2], None, small);
         assert_eq!(covered, vec![job(1), job(2)]);
         assert_eq!(out, (10..32).collect::<Vec<u32>>());
     }

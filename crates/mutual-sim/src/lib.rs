@@ -34,7 +34,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::rc::Rc;
 
-use mutual_core::anti_entropy::{FAR_SWEEP_EVERY_ROUNDS, FarQueue, Pacer, far_partners};
+use mutual_core::anti_entropy::{FarQueue, Pacer, far_partners};
 use mutual_core::derive::derive_state;
 use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
@@ -433,9 +433,6 @@ struct SimNode {
     ae_pacer: Pacer,
     /// Under placement: the held job whose holders the next anti-entropy round asks.
     ae_cursor: usize,
-    /// Anti-entropy rounds so far (the far sweep runs on every
-    /// `anti_entropy::FAR_SWEEP_EVERY_ROUNDS`th).
-    ae_round: u64,
     /// Jobs whose document it cannot read yet (`anti_entropy::FarQueue`).
     far: FarQueue,
     /// Its judgements to broadcast again (`membership::DownRepeats`).
@@ -573,7 +570,6 @@ impl Sim {
                 passive_rounds: 0,
                 ae_pacer: Pacer::new(cfg.settle_ms),
                 ae_cursor: 0,
-                ae_round: 0,
                 far: FarQueue::default(),
                 downs: DownRepeats::default(),
                 execs: HashMap::new(),
@@ -1687,15 +1683,13 @@ impl Sim {
             .unwrap_or_default();
         let now = self.now;
         let node = &mut self.nodes[i as usize];
-        node.ae_round = node.ae_round.wrapping_add(1);
-        let round = node.ae_round;
-        let sweep = (!jobs.is_empty() && round.is_multiple_of(FAR_SWEEP_EVERY_ROUNDS)).then(|| {
+        let sweep = (!jobs.is_empty()).then(|| {
             let job = jobs[node.ae_cursor % jobs.len()];
             node.ae_cursor = node.ae_cursor.wrapping_add(1);
             job
         });
         let quiet = node.far.quiet(now, node.ae_pacer.hold_ms());
-        let (far, covered) = far_partners(&quiet, round, sweep, |job| self.holders(i, job));
+        let (far, covered) = far_partners(&quiet, sweep, |job| self.holders(i, job));
         for job in &covered {
             self.nodes[i as usize].far.compared(job, now);
         }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use mutual_core::anti_entropy::{FAR_SWEEP_EVERY_ROUNDS, FarQueue, Pacer, far_partners};
+use mutual_core::anti_entropy::{FarQueue, Pacer, far_partners};
 use mutual_core::doc::JobDoc;
 use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{
@@ -669,7 +669,6 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         alive_ring: vec![id],
         scheme,
         ae_cursor: 0,
-        ae_round: 0,
         far: FarQueue::default(),
         neighbours: Vec::new(),
         probed_at: HashMap::new(),
@@ -851,9 +850,6 @@ struct Node {
     scheme: Scheme,
     /// Under placement: the held job whose holders the next far sweep asks.
     ae_cursor: usize,
-    /// Anti-entropy rounds so far (the far sweep runs on every
-    /// `anti_entropy::FAR_SWEEP_EVERY_ROUNDS`th).
-    ae_round: u64,
     /// Under placement: jobs whose document this node cannot read yet, to compare with
     /// their holders once quiet.
     far: FarQueue,
@@ -1841,10 +1837,8 @@ impl Node {
             .choose(&mut rand::rng())
             .into_iter()
             .collect();
-        self.ae_round = self.ae_round.wrapping_add(1);
-        let round = self.ae_round;
         let held = self.docs.len();
-        let sweep = if held > 0 && round.is_multiple_of(FAR_SWEEP_EVERY_ROUNDS) {
+        let sweep = if held > 0 {
             let pick = self.ae_cursor % held;
             self.ae_cursor = self.ae_cursor.wrapping_add(1);
             self.docs.ids().nth(pick).copied()
@@ -1853,7 +1847,7 @@ impl Node {
         };
         let now = now_ms();
         let quiet = self.far.quiet(now, self.ae_pacer.hold_ms());
-        let (far, covered) = far_partners(&quiet, round, sweep, |job| self.holders(job, k));
+        let (far, covered) = far_partners(&quiet, sweep, |job| self.holders(job, k));
         for job in &covered {
             self.far.compared(job, now);
         }
