@@ -274,7 +274,7 @@ mod tests {
         assert_eq!(relay_targets(&[2, 3, 6], 1, &[2, 3, 5]), vec![6]);
         // The writer itself is never a target, even when it is one of my holders.
         assert_eq!(relay_targets(&[1, 2], 1, &[]), vec![2]);
-        // Without the writer's list (an old peer, or one over the limit) every holder is.
+        // Without the writer's list (one over the limit is dropped) every holder is.
         assert_eq!(relay_targets(&[2, 3], 1, &[]), vec![2, 3]);
     }
 
