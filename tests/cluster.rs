@@ -1539,3 +1539,61 @@ fn placed_jobs_live_on_few_nodes_agree_and_survive_their_runner() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--replicas 2"), "stderr: {err}");
 }
+
+#[test]
+fn a_placed_submission_is_acknowledged_once_another_holder_has_it() {
+    let (_g, _dir, _bin, nodes) = cluster(3, &["--replicas", "2", "--fault-injection"]);
+    let a = nodes[0].client();
+    // Acknowledged (201, no warning) only once another node holds the job: with two
+    // replicas among three nodes, at least one holder is not the submitter.
+    let confirmed = a.submit(&sh("true")).expect("submit");
+    assert_eq!(confirmed.warning, None, "{confirmed:?}");
+    let elsewhere = nodes[1..]
+        .iter()
+        .filter(|n| n.client().job(&confirmed.id).is_ok())
+        .count();
+    assert!(
+        elsewhere >= 1,
+        "acknowledged while no other node held the job"
+    );
+    let metrics = a.metrics().expect("metrics");
+    assert_eq!(
+        metric(&metrics, "mutual_submit_confirm_milliseconds_count"),
+        1,
+        "{metrics}"
+    );
+    // Cut off from every holder, the submitter answers after its wait, warning that the
+    // job is held by it alone (HTTP 202), and counts it.
+    split(&nodes, [&[0], &[1, 2]]);
+    let lonely = a.submit(&sh("true")).expect("submit while cut off");
+    let warning = lonely.warning.clone().expect("a warning");
+    assert!(
+        warning.contains("no other member") && warning.contains("losing this node"),
+        "{warning}"
+    );
+    assert_eq!(
+        metric(&a.metrics().expect("metrics"), "mutual_submits_unconfirmed"),
+        1
+    );
+    assert!(
+        nodes[1..]
+            .iter()
+            .all(|n| n.client().job(&lonely.id).is_err()),
+        "the far side got the job through the partition"
+    );
+    // The job stands: once the partition heals it reaches its holders and runs.
+    for n in &nodes {
+        n.client().partition(&[]).expect("heal");
+    }
+    eventually(
+        60,
+        "the job submitted while cut off succeeds elsewhere too",
+        || {
+            nodes[1..]
+                .iter()
+                .filter_map(|n| n.client().job(&lonely.id).ok())
+                .any(|s| s.state == "succeeded")
+                .then_some(())
+        },
+    );
+}

@@ -235,3 +235,31 @@ fn a_node_asks_for_a_document_it_holds_but_cannot_read() {
         assert_clean(&s);
     }
 }
+
+#[test]
+fn a_placed_submission_cut_off_from_its_holders_is_not_lost() {
+    // Under placement a job goes only to its holders. Acknowledged as soon as its
+    // submitter had written it, this seed lost one: a partition put all five holders on
+    // the far side and the submitter then died for good. A submission now waits for a
+    // holder's confirmation (`mutual_core::submit`), resending to the holders of the
+    // submitter's current view, which move to its side once the far side is judged dead.
+    let s = run(SimConfig {
+        replicas: 5,
+        nodes: 50,
+        jobs: 300,
+        kill_percent: 20.0,
+        partitions: 6,
+        partition_max_ms: 3_000,
+        ..small(5)
+    });
+    assert_clean(&s);
+    assert_eq!(s.succeeded, s.jobs, "{}", s.reproduce);
+    assert_eq!(s.unpromised_lost, 0, "{}", s.reproduce);
+    // Some submission waited for its holders to move: at least one failure timeout.
+    assert!(
+        s.submit_confirm_max_ms >= SimConfig::default().fd_timeout_ms,
+        "no submission waited through a partition ({} ms): {}",
+        s.submit_confirm_max_ms,
+        s.reproduce
+    );
+}

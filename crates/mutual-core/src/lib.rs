@@ -35,6 +35,7 @@ pub mod overlay;
 pub mod placement;
 pub mod rank;
 pub mod spec;
+pub mod submit;
 pub mod token;
 pub mod view;
 

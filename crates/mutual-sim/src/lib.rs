@@ -40,6 +40,7 @@ use mutual_core::doc_cache::DocCache;
 use mutual_core::engine::{Command, Engine, EngineConfig, Event, StopReason, Timer};
 use mutual_core::invariants::{self, Invariant, Violation};
 use mutual_core::membership::{Detector, DownRepeats};
+use mutual_core::submit::{CONFIRM_REPLY, SubmitWaits};
 use mutual_core::view::{ExecMetrics, Outcome, Record};
 use mutual_core::{FencingToken, JobId, JobRequest, JobState, JobView, NodeId, Resources};
 use rand::{Rng, SeedableRng};
@@ -271,6 +272,16 @@ pub struct Summary {
     pub restarts: usize,
     /// Jobs whose holder was killed or crashed while running them.
     pub takeovers: usize,
+    /// Under placement: submissions answered unconfirmed, after waiting the whole wait
+    /// for a holder's confirmation (HTTP 202 in `mutual node`).
+    pub unconfirmed_submits: usize,
+    /// Under placement: jobs no client was promised (never confirmed, and their submitter
+    /// crashed or warned the client) that no live node holds at the end. Not a violation:
+    /// the client saw its request fail or was warned.
+    pub unpromised_lost: usize,
+    /// Under placement: the longest a submission waited for its first confirmation
+    /// (simulated ms).
+    pub submit_confirm_max_ms: u64,
     /// Median time from a holder's kill to its job running on another node (simulated).
     pub mttr_p50_ms: u64,
     /// 95th percentile of the same.
@@ -337,6 +348,8 @@ enum Msg {
     AePush {
         jobs: Vec<(JobId, Payload)>,
     },
+    /// `wire::Msg::Held`: the sender holds the job (a submission's confirmation).
+    Held(JobId),
 }
 
 #[derive(Debug, Clone)]
@@ -437,6 +450,9 @@ struct SimNode {
     far: FarQueue,
     /// Its judgements to broadcast again (`membership::DownRepeats`).
     downs: DownRepeats<u32>,
+    /// Under placement: its submissions waiting for a holder's confirmation
+    /// (`mutual_core::submit`). Lost in a crash, with the clients' connections.
+    submits: SubmitWaits,
     execs: HashMap<JobId, RunningExec>,
     killed: bool,
     group: u8,
@@ -447,6 +463,15 @@ struct SimNode {
 
 struct JobInfo {
     id: Option<JobId>,
+    /// The node it was submitted to.
+    submitter: u32,
+    /// The client was told the job is held by another node too: at once under full
+    /// replication, on a holder's confirmation under placement.
+    confirmed: bool,
+    /// Its submitter crashed before a confirmation (the client saw its request fail) or
+    /// after answering it unconfirmed (the client was warned): a job the client was never
+    /// promised, which may be lost without breaking an invariant.
+    unpromised: bool,
     duration_ms: u64,
     kill_ms: Option<u64>,
     killed_holder: Option<u32>,
@@ -524,6 +549,10 @@ pub struct Sim {
     takeovers: usize,
     restarts: usize,
     killed: usize,
+    /// Longest wait of a submission for its first confirmation.
+    submit_confirm_max_ms: u64,
+    /// Submissions answered unconfirmed after the whole wait.
+    unconfirmed_submits: usize,
     messages: u64,
     probe_messages: u64,
     events: u64,
@@ -571,6 +600,7 @@ impl Sim {
                 ae_pacer: Pacer::new(cfg.settle_ms),
                 ae_cursor: 0,
                 far: FarQueue::default(),
+                submits: SubmitWaits::default(),
                 downs: DownRepeats::default(),
                 execs: HashMap::new(),
                 killed: false,
@@ -581,6 +611,9 @@ impl Sim {
         let jobs = (0..cfg.jobs)
             .map(|_| JobInfo {
                 id: None,
+                submitter: 0,
+                confirmed: false,
+                unpromised: false,
                 duration_ms: rng.random_range(cfg.job_min_ms..=cfg.job_max_ms.max(cfg.job_min_ms)),
                 kill_ms: None,
                 killed_holder: None,
@@ -609,6 +642,8 @@ impl Sim {
             takeovers: 0,
             restarts: 0,
             killed: 0,
+            submit_confirm_max_ms: 0,
+            unconfirmed_submits: 0,
             messages: 0,
             probe_messages: 0,
             events: 0,
@@ -1338,7 +1373,18 @@ impl Sim {
         match engine.submit(local, req) {
             Ok((id, cmds)) => {
                 self.jobs[n].id = Some(id);
+                self.jobs[n].submitter = i;
                 self.job_index.insert(id, n);
+                // As `mutual node` does: under placement the submission waits for a
+                // holder's confirmation, registered before the push that asks for it.
+                let alone = self.nodes[i as usize].det.alive_count() <= 1;
+                let needs = self.cfg.replicas > 0
+                    && self.nodes.len() > 1
+                    && (alone || !self.holders(i, &id).is_empty());
+                let waits = needs && self.nodes[i as usize].submits.add(id, self.now);
+                self.jobs[n].confirmed = !needs;
+                // At the limit of waits a node answers at once, unconfirmed.
+                self.jobs[n].unpromised = needs && !waits;
                 self.exec_cmds(i, cmds);
                 self.check_step(i, id);
             }
@@ -1370,6 +1416,16 @@ impl Sim {
         self.dead_stats.clock_rejections += st.clock_rejections;
         let sn = &mut self.nodes[node as usize];
         sn.inc += 1;
+        // Clients waiting on its submissions see their requests fail.
+        if !sn.submits.is_empty() {
+            sn.submits = SubmitWaits::default();
+            for info in &mut self.jobs {
+                if info.id.is_some() && info.submitter == node && !info.confirmed {
+                    info.unpromised = true;
+                }
+            }
+        }
+        let sn = &mut self.nodes[node as usize];
         let execs: Vec<(JobId, bool)> = sn.execs.drain().map(|(j, x)| (j, x.running)).collect();
         for (job, running) in execs {
             if running && let Some(&jx) = self.job_index.get(&job) {
@@ -1423,6 +1479,7 @@ impl Sim {
         for t in again {
             self.broadcast(i, Msg::Down(t));
         }
+        self.submit_tick(i);
         // Every few ticks, probe the nodes believed dead between this node and its last
         // live target: a false suspicion whose refutation was lost (e.g. in a partition)
         // must not last for ever.
@@ -1435,6 +1492,42 @@ impl Sim {
             self.now + self.cfg.probe_interval_ms,
             Ev::ProbeTick { node: i, inc },
         );
+    }
+
+    /// As `mutual node` does each probe period: node `i` sends its unconfirmed submissions
+    /// to the holders of its current view again, and answers those that waited the whole
+    /// wait unconfirmed (their clients are warned: the jobs are no longer promised).
+    fn submit_tick(&mut self, i: u32) {
+        if self.nodes[i as usize].submits.is_empty() {
+            return;
+        }
+        let timeout = self.cfg.fd_timeout_ms;
+        let wait = mutual_core::submit::wait_ms(timeout);
+        let due = self.nodes[i as usize].submits.due(self.now, timeout, wait);
+        for job in due.resend {
+            let to = self.holders(i, &job);
+            let Some(payload) = self.full_state(i, &job) else {
+                continue;
+            };
+            let fingerprint = self.fingerprint(i, &job).unwrap_or(0);
+            let sent = Rc::new(to.clone());
+            for t in to {
+                let msg = Msg::Placed {
+                    job,
+                    payload: payload.clone(),
+                    fingerprint,
+                    reply: CONFIRM_REPLY,
+                    sent: sent.clone(),
+                };
+                self.send(i, t, msg);
+            }
+        }
+        for job in due.expired {
+            self.unconfirmed_submits += 1;
+            if let Some(&n) = self.job_index.get(&job) {
+                self.jobs[n].unpromised = true;
+            }
+        }
     }
 
     /// Updates node `i`'s membership view of `t`.
@@ -1559,6 +1652,9 @@ impl Sim {
         let fingerprint = self.fingerprint(i, &job).unwrap_or(0);
         let holders = self.holders(i, &job);
         let (to, sent, reply) = match relay {
+            None if self.nodes[i as usize].submits.is_waiting(&job) => {
+                (holders.clone(), Rc::new(holders), CONFIRM_REPLY)
+            }
             None => (holders.clone(), Rc::new(holders), 2),
             Some((writer, sent)) => (
                 mutual_core::placement::relay_targets(&holders, writer, &sent),
@@ -1821,9 +1917,19 @@ impl Sim {
                 sent,
             } => {
                 let before = self.fingerprint(to, &job);
+                let confirm = reply == CONFIRM_REPLY;
+                let reply = reply.min(2);
                 let relay = (reply == 2).then(|| payload.clone());
                 self.receive(to, job, payload);
                 let after = self.fingerprint(to, &job);
+                let readable = self.nodes[to as usize]
+                    .engine
+                    .as_ref()
+                    .and_then(|e| e.view(&job))
+                    .is_some_and(|v| v.spec.is_some());
+                if confirm && readable {
+                    self.send(to, from, Msg::Held(job));
+                }
                 if let Some(relay) = relay
                     && after != before
                 {
@@ -1843,6 +1949,14 @@ impl Sim {
                         sent: Rc::new(Vec::new()),
                     };
                     self.send(to, from, msg);
+                }
+            }
+            Msg::Held(job) => {
+                if let Some(waited) = self.nodes[to as usize].submits.confirm(&job, self.now) {
+                    self.submit_confirm_max_ms = self.submit_confirm_max_ms.max(waited);
+                    if let Some(&n) = self.job_index.get(&job) {
+                        self.jobs[n].confirmed = true;
+                    }
                 }
             }
             Msg::Probe => self.send(to, from, Msg::Ack),
@@ -2055,6 +2169,7 @@ impl Sim {
         let mut dup_same_epoch = 0;
         let mut dup_after_success = 0;
         let mut executions = 0;
+        let mut unpromised_lost = 0;
         let mut found: Vec<Violation> = Vec::new();
         for info in &self.jobs {
             executions += info.starts.len();
@@ -2075,6 +2190,10 @@ impl Sim {
                         .and_then(|e| e.view(&id))
                 })
                 .collect();
+            if views.is_empty() && info.unpromised && !info.confirmed {
+                unpromised_lost += 1;
+                continue;
+            }
             let missing = self.missing_holders(&id);
             if !missing.is_empty() || views.is_empty() {
                 found.push(Violation {
@@ -2256,6 +2375,9 @@ impl Sim {
             killed_nodes: self.killed,
             restarts: self.restarts,
             takeovers: self.takeovers,
+            unconfirmed_submits: self.unconfirmed_submits,
+            unpromised_lost,
+            submit_confirm_max_ms: self.submit_confirm_max_ms,
             mttr_p50_ms: pct(0.50),
             mttr_p95_ms: pct(0.95),
             mttr_max_ms: mttr.last().copied().unwrap_or(0),

@@ -204,6 +204,10 @@ async fn submit(
         }
     }
     match ask(&state, |tx| ApiReq::Submit(Box::new(request), tx)).await {
+        // 202: taken, but not yet confirmed by another holder (`JobStatus::warning`).
+        Ok(Ok(st)) if st.warning.is_some() => {
+            (StatusCode::ACCEPTED, axum::Json(st)).into_response()
+        }
         Ok(Ok(st)) => (StatusCode::CREATED, axum::Json(st)).into_response(),
         Ok(Err(e)) => api_error(e),
         Err(r) => r,

@@ -331,6 +331,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..JobRequest::default()
             };
             let st = a.conn.client().submit(&req)?;
+            if let Some(w) = &st.warning {
+                eprintln!("warning: {w}");
+            }
             if a.json {
                 print_json(&st)?;
             } else {

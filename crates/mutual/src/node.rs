@@ -27,6 +27,7 @@ use mutual_core::engine::{
 use mutual_core::membership::{Detector, DownRepeats};
 use mutual_core::overlay;
 use mutual_core::placement::{self, Scheme};
+use mutual_core::submit::{CONFIRM_REPLY, SubmitWaits};
 use mutual_core::view::Record;
 use mutual_core::{BlobRef, FencingToken, JobId, JobRequest, JobSpec, NodeId, Resources};
 use prometheus_client::metrics::histogram::Histogram;
@@ -93,6 +94,10 @@ pub const MAX_SETTLE_MS: u64 = 500;
 pub const MAX_RANK_STEP_MS: u64 = 100;
 /// Most jobs listed by one `GET /v1/jobs`.
 pub const MAX_LIST: usize = 10_000;
+// A submission's confirmation wait ends well inside a client's patience.
+const _: () = assert!(
+    mutual_core::submit::WAIT_MAX_MS <= crate::client::REQUEST_TIMEOUT.as_millis() as u64 / 2
+);
 
 /// Timing settings of the node protocol.
 #[derive(Debug, Clone, Copy)]
@@ -670,6 +675,10 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         scheme,
         ae_cursor: 0,
         far: FarQueue::default(),
+        submit_waits: SubmitWaits::default(),
+        submit_replies: HashMap::new(),
+        submit_confirm_ms: Histogram::new([1.0, 5.0, 25.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0]),
+        submits_unconfirmed: 0,
         neighbours: Vec::new(),
         probed_at: HashMap::new(),
         rtt: None,
@@ -781,6 +790,11 @@ enum Internal {
         token: FencingToken,
         blob: BlobRef,
     },
+    /// This node's copy of `job` is durable: confirm it to its submitter `to`.
+    Held {
+        job: JobId,
+        to: NodeId,
+    },
 }
 
 enum Ack {
@@ -853,6 +867,14 @@ struct Node {
     /// Under placement: jobs whose document this node cannot read yet, to compare with
     /// their holders once quiet.
     far: FarQueue,
+    /// Under placement: submissions waiting for another holder's confirmation
+    /// (`mutual_core::submit`), and the clients waiting on them.
+    submit_waits: SubmitWaits,
+    submit_replies: HashMap<JobId, oneshot::Sender<Result<JobStatus, ApiError>>>,
+    /// How long confirmed submissions waited for their first confirmation.
+    submit_confirm_ms: Histogram,
+    /// Submissions answered unconfirmed (HTTP 202).
+    submits_unconfirmed: u64,
     /// Its overlay neighbours on that ring (see [`overlay::neighbours`]).
     neighbours: Vec<NodeId>,
     /// When each watched node was last probed, for round-trip samples.
@@ -997,6 +1019,13 @@ impl Node {
     fn on_internal(&mut self, ev: Internal) {
         match ev {
             Internal::Durable { pushes, ack } => {
+                // A submission under placement is answered once another holder confirms
+                // it (`mutual_core::submit`): it waits from before its push, which then
+                // asks the holders to confirm.
+                let ack = match ack {
+                    Some(Ack::Submit(job, reply)) => self.await_holder(job, reply),
+                    other => other,
+                };
                 for (job, changes) in pushes {
                     self.push(job, changes, None);
                 }
@@ -1024,6 +1053,7 @@ impl Node {
                     None => {}
                 }
             }
+            Internal::Held { job, to } => self.send(&to, &Msg::Held { job }),
             Internal::Exec(f) => self.exec_ended(f),
             Internal::Staged { job, token, result } => self.staged(job, token, result),
             Internal::Collected {
@@ -1558,6 +1588,7 @@ impl Node {
         };
         let holders = self.holders(&job, k);
         let (to, sent, reply) = match relay {
+            None if self.submit_waits.is_waiting(&job) => (holders.clone(), holders, CONFIRM_REPLY),
             None => (holders.clone(), holders, 2),
             Some((writer, sent)) => (
                 placement::relay_targets(&holders, writer, &sent),
@@ -1576,6 +1607,124 @@ impl Node {
             sent,
         };
         self.send_all(&to, &msg);
+    }
+
+    /// Under placement, starts waiting for another holder to confirm the submission of
+    /// `job` (durable here) and keeps `reply` until one does: returns the acknowledgement
+    /// to send now, if there is none to wait for — full replication, or no other holder
+    /// in this node's view while it reaches other members (`--replicas 1`, say).
+    fn await_holder(
+        &mut self,
+        job: JobId,
+        reply: oneshot::Sender<Result<JobStatus, ApiError>>,
+    ) -> Option<Ack> {
+        let Scheme::Placed { k } = self.scheme else {
+            return Some(Ack::Submit(job, reply));
+        };
+        if self.holders(&job, k).is_empty() && !self.cut_off() {
+            return Some(Ack::Submit(job, reply));
+        }
+        if !self.submit_waits.add(job, now_ms()) {
+            self.answer_unconfirmed(
+                job,
+                reply,
+                format!(
+                    "this node waits on {} submissions already (its limit), so it did not \
+                     wait for another holder to confirm this one",
+                    mutual_core::submit::MAX_SUBMIT_WAITS
+                ),
+            );
+            return None;
+        }
+        self.submit_replies.insert(job, reply);
+        None
+    }
+
+    /// Whether this node believes every other member dead (a partition, or it lost its
+    /// network): nothing it writes reaches anyone.
+    fn cut_off(&self) -> bool {
+        self.alive_ring.len() <= 1 && !self.members.is_empty()
+    }
+
+    /// A holder confirmed that it holds `job` durably: answer its submission, if waited on.
+    fn confirmed(&mut self, job: JobId, now: u64) {
+        let Some(waited_ms) = self.submit_waits.confirm(&job, now) else {
+            return;
+        };
+        self.submit_confirm_ms.observe(waited_ms as f64);
+        if let Some(reply) = self.submit_replies.remove(&job) {
+            let st = self
+                .status(&job)
+                .ok_or_else(|| ApiError::NotFound(job.to_string()));
+            let _ = reply.send(st);
+        }
+    }
+
+    /// Answers a submission that no other holder confirmed (HTTP 202, with `why`).
+    fn answer_unconfirmed(
+        &mut self,
+        job: JobId,
+        reply: oneshot::Sender<Result<JobStatus, ApiError>>,
+        why: String,
+    ) {
+        self.submits_unconfirmed += 1;
+        tracing::warn!(%job, "submission answered unconfirmed: {why}");
+        let st = self
+            .status(&job)
+            .map(|mut st| {
+                st.warning = Some(format!(
+                    "{why}. The job stands and reaches its holders once they are \
+                     reachable, but until then it is held by this node alone: losing this \
+                     node first loses the job"
+                ));
+                st
+            })
+            .ok_or_else(|| ApiError::NotFound(job.to_string()));
+        let _ = reply.send(st);
+    }
+
+    /// Each probe period: sends the document of each submission still unconfirmed after a
+    /// failure timeout to the holders of this node's current view again, and answers
+    /// those that waited the whole wait.
+    fn submit_tick(&mut self, now: u64) {
+        let Scheme::Placed { k } = self.scheme else {
+            return;
+        };
+        if self.submit_waits.is_empty() {
+            return;
+        }
+        let wait_ms = mutual_core::submit::wait_ms(self.failure_timeout_ms());
+        let due = self
+            .submit_waits
+            .due(now, self.failure_timeout_ms(), wait_ms);
+        for job in due.resend {
+            let to = self.holders(&job, k);
+            let Some(saved) = self.docs.saved(&job) else {
+                continue;
+            };
+            if to.is_empty() {
+                continue;
+            }
+            let msg = Msg::Changes {
+                job,
+                changes: vec![saved],
+                fingerprint: self.engine.view(&job).map_or(0, |v| v.fingerprint()),
+                reply: CONFIRM_REPLY,
+                sent: to.clone(),
+            };
+            self.send_all(&to, &msg);
+        }
+        for job in due.expired {
+            let Some(reply) = self.submit_replies.remove(&job) else {
+                continue;
+            };
+            let why = if self.cut_off() {
+                format!("this node reached no other member within {wait_ms} ms")
+            } else {
+                format!("no other holder of this job confirmed it within {wait_ms} ms")
+            };
+            self.answer_unconfirmed(job, reply, why);
+        }
     }
 
     /// Sends one message to several members, encoding it once.
@@ -1670,6 +1819,7 @@ impl Node {
         for id in again {
             self.broadcast(Bcast::Down(id));
         }
+        self.submit_tick(now);
         if self.ticks.is_multiple_of(REPROBE_EVERY_TICKS) {
             for k in self.det.reprobe() {
                 if let Some(id) = self.det.ring().get(k).copied() {
@@ -2070,10 +2220,19 @@ impl Node {
                 reply,
                 mut sent,
             } => {
-                // A peer's value above 2 means no more than 2.
+                // A submission: confirm once this copy is durable (it is appended after
+                // `receive`'s frames, so their sync covers it). A peer's value above 3
+                // means no more than 2.
+                let confirm = reply == CONFIRM_REPLY;
                 let reply = reply.min(2);
                 let relay = (reply == 2).then(|| changes.clone());
                 let changed = self.receive(job, changes, Kind::Change, now);
+                if confirm && self.engine.view(&job).is_some_and(|v| v.spec.is_some()) {
+                    let tx = self.int_tx.clone();
+                    self.store.append(Vec::new(), move || {
+                        let _ = tx.send(Internal::Held { job, to: from });
+                    });
+                }
                 if let Some(relay) = relay
                     && changed
                 {
@@ -2099,6 +2258,7 @@ impl Node {
                     self.send(&from, &msg);
                 }
             }
+            Msg::Held { job } => self.confirmed(job, now),
             Msg::Docs { docs, caught_up } => {
                 for (job, bytes) in docs.into_iter().take(wire::MAX_DOCS_PER_MSG) {
                     self.receive(job, vec![bytes], Kind::Doc, now);
@@ -2613,6 +2773,17 @@ impl Node {
             "members_judged_dead",
             "Members this node's detector judged dead",
             self.judged_total,
+        );
+        reg.register(
+            "submit_confirm_milliseconds",
+            "Under --replicas: how long a submission waited for another holder's confirmation",
+            self.submit_confirm_ms.clone(),
+        );
+        counter(
+            &mut reg,
+            "submits_unconfirmed",
+            "Submissions answered unconfirmed (HTTP 202): no other holder confirmed in time",
+            self.submits_unconfirmed,
         );
         reg.register(
             "detection_silence_milliseconds",

@@ -143,6 +143,12 @@ pub struct JobStatus {
     /// The outputs of the accepted (or last, once the job ended) execution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<BlobRef>,
+    /// Only in the answer to a submission (HTTP 202 then, not 201): why the job is not
+    /// yet known to be held by more than the node that took it (under `--replicas`, no
+    /// holder confirmed it within the wait). The job stands and reaches its holders when
+    /// they are reachable, but until then losing that node loses the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// What every replica must report alike for a job once it ended: state, attempt, node,
@@ -258,6 +264,7 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
         attempts,
         inputs: spec.inputs.clone(),
         outputs,
+        warning: None,
     })
 }
 

@@ -15,13 +15,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The ALPN of the node protocol. The number is the protocol's version: it changes with
 /// any change to [`Msg`] that an older node would decode wrongly or not at all (2 added
-/// [`Msg::Changes`]`::sent`). Nodes of different versions do not talk: an older node that
+/// [`Msg::Changes`]`::sent`; 3 added [`Msg::Held`] and `reply` 3). Nodes of different versions do not talk: an older node that
 /// dials this one is refused with [`version_refusal`], and this node's dial to an older
 /// one fails in the handshake (no common protocol), which the link logs.
-pub const ALPN: &[u8] = b"mutual/node/2";
+pub const ALPN: &[u8] = b"mutual/node/3";
 /// Earlier versions of [`ALPN`] that this node still accepts, only to refuse them with a
 /// reason the older node logs (it understands the refusal's close code).
-pub const OLD_ALPNS: &[&[u8]] = &[b"mutual/node/1"];
+pub const OLD_ALPNS: &[&[u8]] = &[b"mutual/node/1", b"mutual/node/2"];
 
 /// Why a connection of an older node-protocol version is refused.
 pub fn version_refusal(theirs: &[u8]) -> String {
@@ -142,7 +142,9 @@ pub enum Msg {
         /// document (so the writer learns, within a round trip, any record it lacked: a
         /// concurrent claim, above all). 1: such an answer; a writer whose set still
         /// differs sends its whole document back (a holder handed the job late lacks its
-        /// history). 0: neither (relays, hand-offs, that second answer).
+        /// history). 0: neither (relays, hand-offs, that second answer). 3
+        /// (`mutual_core::submit::CONFIRM_REPLY`): a submission, sent by its submitter;
+        /// as 2, and the receiver answers [`Msg::Held`] once its copy is durable.
         reply: u8,
         /// With `reply` 2: the holders the writer sent these to. A holder relays only to
         /// holders of its own view not among them (`placement::relay_targets`); a list
@@ -155,6 +157,13 @@ pub enum Msg {
         docs: Vec<(JobId, Vec<u8>)>,
         /// The sender is caught up (not restarting); a restarted node may go active.
         caught_up: bool,
+    },
+    /// Under placement: the sender holds `job` durably (the answer to a submission's
+    /// [`Msg::Changes`] with `reply` 3). Its submitter acknowledges the job to the client
+    /// on the first one (`mutual_core::submit`).
+    Held {
+        /// The job.
+        job: JobId,
     },
 }
 
