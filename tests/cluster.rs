@@ -1562,9 +1562,13 @@ fn a_placed_submission_is_acknowledged_once_another_holder_has_it() {
         1,
         "{metrics}"
     );
-    // Cut off from every holder, the submitter answers after its wait, warning that the
+    // Cut off from every other member, the submitter answers at once, warning that the
     // job is held by it alone (HTTP 202), and counts it.
     split(&nodes, [&[0], &[1, 2]]);
+    eventually(30, "the cut-off node believes the others dead", || {
+        let alive = a.nodes().ok()?.iter().filter(|n| n.alive).count();
+        (alive == 1).then_some(())
+    });
     let lonely = a.submit(&sh("true")).expect("submit while cut off");
     let warning = lonely.warning.clone().expect("a warning");
     assert!(

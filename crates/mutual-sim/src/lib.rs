@@ -272,8 +272,9 @@ pub struct Summary {
     pub restarts: usize,
     /// Jobs whose holder was killed or crashed while running them.
     pub takeovers: usize,
-    /// Under placement: submissions answered unconfirmed, after waiting the whole wait
-    /// for a holder's confirmation (HTTP 202 in `mutual node`).
+    /// Under placement: submissions answered unconfirmed (HTTP 202 in `mutual node`):
+    /// after waiting the whole wait for a holder's confirmation, or at once by a node
+    /// that reaches no other member.
     pub unconfirmed_submits: usize,
     /// Under placement: jobs no client was promised (never confirmed, and their submitter
     /// crashed or warned the client) that no live node holds at the end. Not a violation:
@@ -551,7 +552,7 @@ pub struct Sim {
     killed: usize,
     /// Longest wait of a submission for its first confirmation.
     submit_confirm_max_ms: u64,
-    /// Submissions answered unconfirmed after the whole wait.
+    /// Submissions answered unconfirmed (see [`Summary::unconfirmed_submits`]).
     unconfirmed_submits: usize,
     messages: u64,
     probe_messages: u64,
@@ -1377,14 +1378,16 @@ impl Sim {
                 self.job_index.insert(id, n);
                 // As `mutual node` does: under placement the submission waits for a
                 // holder's confirmation, registered before the push that asks for it.
-                let alone = self.nodes[i as usize].det.alive_count() <= 1;
-                let needs = self.cfg.replicas > 0
-                    && self.nodes.len() > 1
-                    && (alone || !self.holders(i, &id).is_empty());
-                let waits = needs && self.nodes[i as usize].submits.add(id, self.now);
+                // A node that reaches no other member, or waits on the most submissions
+                // it may, answers at once, unconfirmed.
+                let alone = self.nodes.len() > 1 && self.nodes[i as usize].det.alive_count() <= 1;
+                let needs = self.cfg.replicas > 0 && (alone || !self.holders(i, &id).is_empty());
+                let waits = needs && !alone && self.nodes[i as usize].submits.add(id, self.now);
                 self.jobs[n].confirmed = !needs;
-                // At the limit of waits a node answers at once, unconfirmed.
                 self.jobs[n].unpromised = needs && !waits;
+                if needs && !waits {
+                    self.unconfirmed_submits += 1;
+                }
                 self.exec_cmds(i, cmds);
                 self.check_step(i, id);
             }

@@ -1612,7 +1612,8 @@ impl Node {
     /// Under placement, starts waiting for another holder to confirm the submission of
     /// `job` (durable here) and keeps `reply` until one does: returns the acknowledgement
     /// to send now, if there is none to wait for — full replication, or no other holder
-    /// in this node's view while it reaches other members (`--replicas 1`, say).
+    /// in this node's view (`--replicas 1` with this node the replica, say). A node that
+    /// reaches no other member answers at once, unconfirmed: waiting would not change that.
     fn await_holder(
         &mut self,
         job: JobId,
@@ -1621,7 +1622,12 @@ impl Node {
         let Scheme::Placed { k } = self.scheme else {
             return Some(Ack::Submit(job, reply));
         };
-        if self.holders(&job, k).is_empty() && !self.cut_off() {
+        if self.cut_off() {
+            let why = "this node reaches no other member (it believes every other one dead)";
+            self.answer_unconfirmed(job, reply, why.to_string());
+            return None;
+        }
+        if self.holders(&job, k).is_empty() {
             return Some(Ack::Submit(job, reply));
         }
         if !self.submit_waits.add(job, now_ms()) {
