@@ -99,6 +99,21 @@ const _: () = assert!(
     mutual_core::submit::WAIT_MAX_MS <= crate::client::REQUEST_TIMEOUT.as_millis() as u64 / 2
 );
 
+/// The QUIC transport settings of a node's peer endpoint (job protocol and blobs), as a
+/// builder so benchmarks can measure variants of it (`bench/src/bin/conn_memory.rs`).
+pub fn quic_transport() -> anyhow::Result<iroh::endpoint::QuicTransportConfigBuilder> {
+    Ok(iroh::endpoint::QuicTransportConfig::builder()
+        // Liveness is the detector's job (probes to two ring neighbours), not QUIC's: a
+        // full mesh with 1 s keep-alives cost 100 idle nodes on one machine more CPU than
+        // they had. Idle connections may lapse; a link redials when it next sends.
+        .keep_alive_interval(Duration::from_secs(QUIC_KEEP_ALIVE_S))
+        .max_idle_timeout(Some(
+            Duration::from_secs(QUIC_IDLE_TIMEOUT_S)
+                .try_into()
+                .context("idle timeout")?,
+        )))
+}
+
 /// Timing settings of the node protocol.
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
@@ -499,17 +514,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     cfg.engine.capacity.gpus = cfg.gpus.len() as u32;
     let gpu_pool = gpu::Pool::new(&cfg.gpus);
     let secret = cluster_secret(&cfg.data_dir, &cfg.join)?;
-    let transport_config = iroh::endpoint::QuicTransportConfig::builder()
-        // Liveness is the detector's job (probes to two ring neighbours), not QUIC's: a
-        // full mesh with 1 s keep-alives cost 100 idle nodes on one machine more CPU than
-        // they had. Idle connections may lapse; a link redials when it next sends.
-        .keep_alive_interval(Duration::from_secs(QUIC_KEEP_ALIVE_S))
-        .max_idle_timeout(Some(
-            Duration::from_secs(QUIC_IDLE_TIMEOUT_S)
-                .try_into()
-                .context("idle timeout")?,
-        ))
-        .build();
+    let transport_config = quic_transport()?.build();
     let endpoint = iroh::Endpoint::builder(iroh::endpoint::presets::Minimal)
         .secret_key(iroh::SecretKey::generate())
         .alpns(
