@@ -1601,3 +1601,33 @@ fn a_placed_submission_is_acknowledged_once_another_holder_has_it() {
         },
     );
 }
+
+#[test]
+fn two_nodes_that_talk_both_ways_share_one_connection() {
+    // Probes and acks, pushes and answers go both ways between members. Each direction
+    // used to dial a connection of its own: two per pair, twice the handshakes and the
+    // memory (`bench/results/conn-memory.json`). A link now sends on its peer's
+    // connection when one is up.
+    let (_g, _dir, _bin, nodes) = cluster(2, &["--slots", "2"]);
+    let c = nodes[0].client();
+    let ids: Vec<String> = (0..4)
+        .map(|_| c.submit(&sh("true")).expect("submit").id)
+        .collect();
+    wait_all_terminal(&c, &ids, 30);
+    let dialled = |what: &str| -> u64 {
+        nodes
+            .iter()
+            .map(|n| metric(&n.client().metrics().expect("metrics"), what))
+            .sum()
+    };
+    assert_eq!(
+        dialled("mutual_connections_dialled_open"),
+        1,
+        "one connection between the two nodes"
+    );
+    assert_eq!(
+        dialled("mutual_connections_dialled"),
+        1,
+        "neither node dialled the other a second time"
+    );
+}

@@ -1,9 +1,17 @@
 //! The node's iroh transport: one outbound link task per peer, one reader task per
-//! inbound connection.
+//! unidirectional stream a peer opens.
 //!
-//! A link connects to its peer, opens one unidirectional stream, sends the
-//! [`Msg::Hello`] proof and then whatever the node queues for that peer, batching what is
-//! queued together into one write. It never blocks the node: the queue is bounded and a
+//! **One connection per pair of nodes.** A link sends on the connection its peer dialled
+//! to this node if one is up ([`Conns`]), and dials only if none is; streams go both ways
+//! on it. Each direction used to dial its own connection, so two nodes that talked both
+//! ways (a probe and its ack, a push and its answer) held two: twice the QUIC handshakes,
+//! and about 105 KiB per connection end (`bench/results/conn-memory.json`) that no
+//! transport setting lowers. Two nodes that dial each other at once keep both
+//! connections; each is used until it goes idle.
+//!
+//! A link opens one unidirectional stream on its connection, sends the [`Msg::Hello`]
+//! proof and then whatever the node queues for that peer, batching what is queued
+//! together into one write. It never blocks the node: the queue is bounded and a
 //! full queue drops the message (anti-entropy repairs lost pushes; probes are periodic). A
 //! broken connection is re-established with backoff. If the peer closes the connection
 //! with [`REFUSED`], our proof was wrong: the link reports it and stops.
@@ -17,11 +25,11 @@
 //! protocol, are closed on arrival and their messages ignored, as if the network between
 //! the two had failed. Set on both sides, that is a partition.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use iroh::endpoint::{Connection, VarInt};
 use iroh::{Endpoint, EndpointAddr, PublicKey};
@@ -43,7 +51,8 @@ pub const LINK_BATCH_BYTES: usize = 256 * 1024;
 /// resident per connection, and a hosted node under placement talks to dozens of peers.
 pub const LINK_BATCH_KEEP_BYTES: usize = 16 * 1024;
 /// A link to a node outside the overlay (see [`Link::set_keep`]) with nothing to send for
-/// this long closes its connection, and redials on the next message. Links to overlay
+/// this long, on a connection nothing arrived on for as long, closes the connection, and
+/// dials again on the next message (unless the peer dialled meanwhile). Links to overlay
 /// neighbours stay up: redialling them costs a QUIC handshake each time a burst starts,
 /// which on 100 nodes sharing two cores was most of the cost of the first job.
 pub const LINK_IDLE: Duration = Duration::from_secs(15);
@@ -181,6 +190,82 @@ pub fn endpoint_addr(key: PublicKey, addrs: &[SocketAddr]) -> EndpointAddr {
         .fold(EndpointAddr::new(key), |a, s| a.with_ip_addr(*s))
 }
 
+/// A peer connection links may send on, and when a frame last arrived on it.
+#[derive(Clone)]
+struct Shared {
+    conn: Connection,
+    /// Milliseconds since [`Conns`]' epoch.
+    last_in_ms: Arc<AtomicU64>,
+}
+
+/// The open connections to authenticated peers, by peer endpoint, whichever side dialled
+/// them: a link sends on its peer's entry instead of dialling (see the module doc). At
+/// most one entry per member; an entry leaves when its connection closes.
+#[derive(Clone)]
+pub struct Conns {
+    map: Arc<Mutex<HashMap<[u8; 32], Shared>>>,
+    epoch: Instant,
+}
+
+impl Default for Conns {
+    fn default() -> Self {
+        Conns {
+            map: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Conns {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Shared>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open connection to `endpoint`, if any.
+    fn get(&self, endpoint: &[u8; 32]) -> Option<Shared> {
+        self.lock()
+            .get(endpoint)
+            .filter(|s| s.conn.close_reason().is_none())
+            .cloned()
+    }
+
+    /// Offers `conn` to `endpoint` for links to use; kept unless an open one is there.
+    fn offer(&self, endpoint: [u8; 32], shared: &Shared) {
+        let mut map = self.lock();
+        if map
+            .get(&endpoint)
+            .is_none_or(|s| s.conn.close_reason().is_some())
+        {
+            map.insert(endpoint, shared.clone());
+        }
+    }
+
+    /// Forgets `conn` (closed, or closing), if it is `endpoint`'s entry.
+    fn forget(&self, endpoint: &[u8; 32], conn: &Connection) {
+        let mut map = self.lock();
+        if map
+            .get(endpoint)
+            .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
+        {
+            map.remove(endpoint);
+        }
+    }
+
+    /// Connections held now.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Everything a link or reader needs.
 #[derive(Clone)]
 pub struct Transport {
@@ -197,6 +282,8 @@ pub struct Transport {
     /// This cluster's replication setting ([`wire::NodeInfo::replicas`]): a peer with
     /// another is refused, as one with the wrong secret is.
     pub replicas: u32,
+    /// Open peer connections, for links to share.
+    pub conns: Conns,
 }
 
 impl Transport {
@@ -262,6 +349,15 @@ impl Transport {
                     None => return,
                 }
             }
+            if let Some(shared) = self.conns.get(&endpoint) {
+                let pumped = self
+                    .pump(&shared, &hello, &mut rx, &mut pending, &keep)
+                    .await;
+                if self.after_pump(peer, endpoint, &shared.conn, pumped).await {
+                    return;
+                }
+                continue;
+            }
             let conn = match tokio::time::timeout(
                 CONNECT_TIMEOUT,
                 self.endpoint.connect(addr.clone(), wire::ALPN),
@@ -295,29 +391,66 @@ impl Transport {
             };
             backoff = BACKOFF_MIN;
             self.stats.dialled.fetch_add(1, Ordering::Relaxed);
-            let open = OpenConn::new(&self.stats.dialled_open);
-            let pumped = self.pump(&conn, &hello, &mut rx, &mut pending, &keep).await;
-            drop(open);
-            match pumped {
-                Pump::Closed => return,
-                Pump::Refused(reason) => {
-                    let _ = self.events.send(NetEvent::Refused { peer, reason }).await;
-                    return;
-                }
-                Pump::Idle => conn.close(VarInt::from_u32(0), b"idle"),
-                Pump::Broken => tokio::time::sleep(BACKOFF_MIN).await,
+            let shared = Shared {
+                conn: conn.clone(),
+                last_in_ms: Arc::new(AtomicU64::new(self.conns.now_ms())),
+            };
+            // The peer may send on it too: read what it opens, for as long as it is up.
+            self.conns.offer(endpoint, &shared);
+            let t = self.clone();
+            let s = shared.clone();
+            tokio::spawn(async move {
+                let stats = t.stats.clone();
+                let _open = OpenConn::new(&stats.dialled_open);
+                t.serve_streams(s, None).await;
+            });
+            let pumped = self
+                .pump(&shared, &hello, &mut rx, &mut pending, &keep)
+                .await;
+            if self.after_pump(peer, endpoint, &conn, pumped).await {
+                return;
             }
         }
     }
 
+    /// Acts on how a pump ended; returns whether the link is done.
+    async fn after_pump(
+        &self,
+        peer: NodeId,
+        endpoint: [u8; 32],
+        conn: &Connection,
+        pumped: Pump,
+    ) -> bool {
+        match pumped {
+            Pump::Closed => return true,
+            Pump::Refused(reason) => {
+                let _ = self.events.send(NetEvent::Refused { peer, reason }).await;
+                return true;
+            }
+            Pump::Idle => {
+                self.conns.forget(&endpoint, conn);
+                conn.close(VarInt::from_u32(0), b"idle");
+            }
+            Pump::Broken => {
+                // Closed explicitly: its reader holds a handle, so dropping ours would
+                // not close it, and keep-alives would hold it open for good.
+                self.conns.forget(&endpoint, conn);
+                conn.close(VarInt::from_u32(0), b"broken");
+                tokio::time::sleep(BACKOFF_MIN).await;
+            }
+        }
+        false
+    }
+
     async fn pump(
         &self,
-        conn: &Connection,
+        shared: &Shared,
         hello: &[u8],
         rx: &mut mpsc::Receiver<Arc<Vec<u8>>>,
         pending: &mut Option<Arc<Vec<u8>>>,
         keep: &AtomicBool,
     ) -> Pump {
+        let conn = &shared.conn;
         let Ok(mut send) = conn.open_uni().await else {
             return Pump::Broken;
         };
@@ -344,8 +477,11 @@ impl Transport {
             }
             tokio::select! {
                 frame = rx.recv() => {
+                    // The node dropped this link (a stand-in replaced by the member's
+                    // real id, say): the connection stays for the next link to the same
+                    // endpoint, or for the peer's; its idle end or the peer's death
+                    // closes it.
                     let Some(frame) = frame else {
-                        conn.close(VarInt::from_u32(0), b"bye");
                         return Pump::Closed;
                     };
                     *pending = Some(frame);
@@ -354,7 +490,11 @@ impl Transport {
                     return classify(reason);
                 }
                 _ = tokio::time::sleep(LINK_IDLE) => {
-                    if !keep.load(Ordering::Relaxed) {
+                    let quiet_ms = self
+                        .conns
+                        .now_ms()
+                        .saturating_sub(shared.last_in_ms.load(Ordering::Relaxed));
+                    if !keep.load(Ordering::Relaxed) && quiet_ms >= LINK_IDLE.as_millis() as u64 {
                         return Pump::Idle;
                     }
                 }
@@ -371,12 +511,40 @@ impl Transport {
         conn.close(VarInt::from_u32(REFUSED), why.as_bytes());
     }
 
-    /// Serves one inbound connection of the job protocol ([`wire::ALPN`]).
+    /// Serves one inbound connection of the job protocol ([`wire::ALPN`]): its first
+    /// stream must come within [`HELLO_TIMEOUT`]; once one said a valid hello, links
+    /// here may send on the connection too.
     pub async fn serve(self, conn: Connection) {
-        let remote = conn.remote_id();
-        let Ok(Ok(mut recv)) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_uni()).await else {
-            return;
+        let shared = Shared {
+            conn,
+            last_in_ms: Arc::new(AtomicU64::new(self.conns.now_ms())),
         };
+        self.serve_streams(shared, Some(HELLO_TIMEOUT)).await;
+    }
+
+    /// Reads every unidirectional stream the peer opens on `shared`'s connection until it
+    /// closes (the first within `first_within`, if given), then forgets the connection.
+    async fn serve_streams(self, shared: Shared, mut first_within: Option<Duration>) {
+        let remote = *shared.conn.remote_id().as_bytes();
+        loop {
+            let next = match first_within.take() {
+                Some(t) => match tokio::time::timeout(t, shared.conn.accept_uni()).await {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+                None => shared.conn.accept_uni().await,
+            };
+            let Ok(recv) = next else { break };
+            let (t, s) = (self.clone(), shared.clone());
+            tokio::spawn(async move { t.serve_stream(s, recv).await });
+        }
+        self.conns.forget(&remote, &shared.conn);
+    }
+
+    /// Serves one stream: a valid hello first, then frames until it ends.
+    async fn serve_stream(self, shared: Shared, mut recv: iroh::endpoint::RecvStream) {
+        let conn = &shared.conn;
+        let remote = conn.remote_id();
         let first = tokio::time::timeout(HELLO_TIMEOUT, wire::read_frame(&mut recv)).await;
         let info = match first {
             Ok(Ok(Some((Msg::Hello { proof, info }, _))))
@@ -407,13 +575,22 @@ impl Transport {
             return;
         }
         let from = info.id;
-        if self.partitioned(&conn) || self.events.send(NetEvent::Hello(info)).await.is_err() {
+        if self.partitioned(conn) {
+            return;
+        }
+        // Offered before the node hears the hello: its first message back to a joining
+        // node then goes on this connection instead of a second one.
+        self.conns.offer(*remote.as_bytes(), &shared);
+        if self.events.send(NetEvent::Hello(info)).await.is_err() {
             return;
         }
         loop {
             match wire::read_frame(&mut recv).await {
-                Ok(Some(_)) if self.partitioned(&conn) => return,
+                Ok(Some(_)) if self.partitioned(conn) => return,
                 Ok(Some((msg, n))) => {
+                    shared
+                        .last_in_ms
+                        .store(self.conns.now_ms(), Ordering::Relaxed);
                     self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                     if self.events.send(NetEvent::Msg { from, msg }).await.is_err() {

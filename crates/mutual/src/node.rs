@@ -604,6 +604,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         stats: stats.clone(),
         faults: Arc::new(net::Faults::default()),
         replicas: cfg.replicas as u32,
+        conns: net::Conns::default(),
     };
     {
         let t = transport.clone();
