@@ -254,16 +254,6 @@ impl Conns {
             map.remove(endpoint);
         }
     }
-
-    /// Connections held now.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Everything a link or reader needs.
