@@ -119,7 +119,10 @@ pub struct NodeArgs {
     /// keeps each node's work per job independent of the cluster's size (hundreds of
     /// nodes on one machine, or thousands of machines), at a price: a job runs only on
     /// a node that holds it, a node lists only the jobs it holds, and losing K nodes
-    /// before a hand-off completes can lose a job. Every member must use the same value.
+    /// before a hand-off completes can lose a job. A submission is acknowledged (201)
+    /// once another holder has the job; if none confirms within a few seconds, with 202
+    /// and a warning that the receiving node alone holds it for now. Every member must
+    /// use the same value.
     #[arg(long, default_value_t = 0,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
               .range(0..=mutual::node::MAX_REPLICAS as u64))]
