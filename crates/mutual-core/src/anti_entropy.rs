@@ -175,6 +175,14 @@ impl FarQueue {
         }
     }
 
+    /// `job` became readable: its engine learnt it, so anti-entropy's digests, which name
+    /// it with its real fingerprint from now on, repair what it still lacks. Its remaining
+    /// comparisons are not needed.
+    pub fn readable(&mut self, job: &JobId) {
+        self.at.remove(job);
+        self.done.remove(job);
+    }
+
     /// Jobs waiting.
     pub fn len(&self) -> usize {
         self.at.len()
@@ -298,6 +306,20 @@ mod tests {
         // A new write starts over.
         w.add(job(1), 30_000);
         assert!(w.quiet(31_000, 1_000).contains(&job(1)));
+    }
+
+    #[test]
+    fn a_job_that_became_readable_is_no_longer_asked_for() {
+        let mut w = FarQueue::default();
+        w.add(job(1), 0);
+        w.add(job(2), 0);
+        w.compared(&job(1), 1_000);
+        w.readable(&job(1));
+        assert_eq!(w.quiet(1_000_000, 1_000), vec![job(2)]);
+        assert_eq!(w.len(), 1);
+        // Unreadable again (a copy lost and re-created): asked for from the start.
+        w.add(job(1), 2_000);
+        assert!(w.quiet(3_000, 1_000).contains(&job(1)));
     }
 
     #[test]

@@ -1155,7 +1155,12 @@ impl Sim {
             node.ae_pacer.changed(job, self.now);
         }
         if !records.is_empty() {
+            let learnt = known.is_none_or(|k| k.spec.is_none());
             self.merge(to, job, records);
+            // As `mutual node` does: a document that became readable needs no more asks.
+            if learnt && self.cfg.replicas > 0 {
+                self.nodes[to as usize].far.readable(&job);
+            }
         }
     }
 

@@ -2385,6 +2385,9 @@ impl Node {
         if records.is_empty() {
             return changed;
         }
+        if placed && !self.far.is_empty() && known.is_none_or(|k| k.spec.is_none()) {
+            self.far.readable(&job);
+        }
         let mut writers: Vec<NodeId> = records.iter().map(|r| r.writer()).collect();
         writers.sort();
         writers.dedup();
