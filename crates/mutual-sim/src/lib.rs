@@ -1513,21 +1513,9 @@ impl Sim {
         let wait = mutual_core::submit::wait_ms(timeout);
         let due = self.nodes[i as usize].submits.due(self.now, timeout, wait);
         for job in due.resend {
-            let to = self.holders(i, &job);
-            let Some(payload) = self.full_state(i, &job) else {
-                continue;
-            };
-            let fingerprint = self.fingerprint(i, &job).unwrap_or(0);
-            let sent = Rc::new(to.clone());
-            for t in to {
-                let msg = Msg::Placed {
-                    job,
-                    payload: payload.clone(),
-                    fingerprint,
-                    reply: CONFIRM_REPLY,
-                    sent: sent.clone(),
-                };
-                self.send(i, t, msg);
+            // The whole state, as a fresh push: still waited on, it asks to confirm.
+            if let Some(payload) = self.full_state(i, &job) {
+                self.push(i, job, payload, None);
             }
         }
         for job in due.expired {

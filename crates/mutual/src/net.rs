@@ -339,97 +339,92 @@ impl Transport {
                     None => return,
                 }
             }
-            if let Some(shared) = self.conns.get(&endpoint) {
-                let pumped = self
-                    .pump(&shared, &hello, &mut rx, &mut pending, &keep)
-                    .await;
-                if self.after_pump(peer, endpoint, &shared.conn, pumped).await {
+            let shared = match self.conns.get(&endpoint) {
+                Some(shared) => shared,
+                None => match self.dial(&addr).await {
+                    Ok(shared) => {
+                        backoff = BACKOFF_MIN;
+                        self.conns.offer(endpoint, &shared);
+                        shared
+                    }
+                    Err(failed) => {
+                        // A peer of another protocol version fails the handshake: there
+                        // is no common ALPN. Say so once; other failures are a dead or
+                        // moved peer.
+                        if let Some(e) = failed
+                            && !told_version
+                            && e.contains("protocol")
+                        {
+                            told_version = true;
+                            tracing::warn!(
+                                %peer,
+                                "cannot connect: {e} (does it run another mutual version? \
+                                 this node speaks {})",
+                                String::from_utf8_lossy(wire::ALPN)
+                            );
+                        }
+                        // The node dropped this link (the peer moved, or we shut down).
+                        if rx.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                },
+            };
+            let conn = &shared.conn;
+            match self
+                .pump(&shared, &hello, &mut rx, &mut pending, &keep)
+                .await
+            {
+                Pump::Closed => return,
+                Pump::Refused(reason) => {
+                    let _ = self.events.send(NetEvent::Refused { peer, reason }).await;
                     return;
                 }
-                continue;
-            }
-            let conn = match tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                self.endpoint.connect(addr.clone(), wire::ALPN),
-            )
-            .await
-            {
-                Ok(Ok(c)) => c,
-                failed => {
-                    // A peer of another protocol version fails the handshake: there is no
-                    // common ALPN. Say so once; other failures are a dead or moved peer.
-                    if let Ok(Err(e)) = &failed
-                        && !told_version
-                        && e.to_string().contains("protocol")
-                    {
-                        told_version = true;
-                        tracing::warn!(
-                            %peer,
-                            "cannot connect: {e} (does it run another mutual version? this \
-                             node speaks {})",
-                            String::from_utf8_lossy(wire::ALPN)
-                        );
-                    }
-                    // The node dropped this link (the peer moved, or we are shutting down).
-                    if rx.is_closed() {
-                        return;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    continue;
+                Pump::Idle => {
+                    self.conns.forget(&endpoint, conn);
+                    conn.close(VarInt::from_u32(0), b"idle");
                 }
-            };
-            backoff = BACKOFF_MIN;
-            self.stats.dialled.fetch_add(1, Ordering::Relaxed);
-            let shared = Shared {
-                conn: conn.clone(),
-                last_in_ms: Arc::new(AtomicU64::new(self.conns.now_ms())),
-            };
-            // The peer may send on it too: read what it opens, for as long as it is up.
-            self.conns.offer(endpoint, &shared);
-            let t = self.clone();
-            let s = shared.clone();
-            tokio::spawn(async move {
-                let stats = t.stats.clone();
-                let _open = OpenConn::new(&stats.dialled_open);
-                t.serve_streams(s, None).await;
-            });
-            let pumped = self
-                .pump(&shared, &hello, &mut rx, &mut pending, &keep)
-                .await;
-            if self.after_pump(peer, endpoint, &conn, pumped).await {
-                return;
+                Pump::Broken => {
+                    // Closed explicitly: its reader holds a handle, so dropping ours would
+                    // not close it, and keep-alives would hold it open for good.
+                    self.conns.forget(&endpoint, conn);
+                    conn.close(VarInt::from_u32(0), b"broken");
+                    tokio::time::sleep(BACKOFF_MIN).await;
+                }
             }
         }
     }
 
-    /// Acts on how a pump ended; returns whether the link is done.
-    async fn after_pump(
-        &self,
-        peer: NodeId,
-        endpoint: [u8; 32],
-        conn: &Connection,
-        pumped: Pump,
-    ) -> bool {
-        match pumped {
-            Pump::Closed => return true,
-            Pump::Refused(reason) => {
-                let _ = self.events.send(NetEvent::Refused { peer, reason }).await;
-                return true;
-            }
-            Pump::Idle => {
-                self.conns.forget(&endpoint, conn);
-                conn.close(VarInt::from_u32(0), b"idle");
-            }
-            Pump::Broken => {
-                // Closed explicitly: its reader holds a handle, so dropping ours would
-                // not close it, and keep-alives would hold it open for good.
-                self.conns.forget(&endpoint, conn);
-                conn.close(VarInt::from_u32(0), b"broken");
-                tokio::time::sleep(BACKOFF_MIN).await;
-            }
-        }
-        false
+    /// Dials the peer at `addr` and starts reading the streams it opens on the new
+    /// connection, for as long as it is up. An error says why the handshake failed
+    /// (`None`: it timed out).
+    async fn dial(&self, addr: &EndpointAddr) -> Result<Shared, Option<String>> {
+        let conn = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.endpoint.connect(addr.clone(), wire::ALPN),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(Some(e.to_string())),
+            Err(_) => return Err(None),
+        };
+        self.stats.dialled.fetch_add(1, Ordering::Relaxed);
+        let shared = Shared {
+            conn,
+            last_in_ms: Arc::new(AtomicU64::new(self.conns.now_ms())),
+        };
+        let t = self.clone();
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let stats = t.stats.clone();
+            let _open = OpenConn::new(&stats.dialled_open);
+            t.serve_streams(s, None).await;
+        });
+        Ok(shared)
     }
 
     async fn pump(

@@ -1036,12 +1036,7 @@ impl Node {
                     self.push(job, changes, None);
                 }
                 match ack {
-                    Some(Ack::Submit(job, reply)) => {
-                        let st = self
-                            .status(&job)
-                            .ok_or_else(|| ApiError::NotFound(job.to_string()));
-                        let _ = reply.send(st);
-                    }
+                    Some(Ack::Submit(job, reply)) => self.answer_submit(job, reply, None),
                     Some(Ack::Cancel(job, outcome, reply)) => {
                         let state = self
                             .status(&job)
@@ -1665,11 +1660,22 @@ impl Node {
         };
         self.submit_confirm_ms.observe(waited_ms as f64);
         if let Some(reply) = self.submit_replies.remove(&job) {
-            let st = self
-                .status(&job)
-                .ok_or_else(|| ApiError::NotFound(job.to_string()));
-            let _ = reply.send(st);
+            self.answer_submit(job, reply, None);
         }
+    }
+
+    /// Answers a submission with the job's status, and `warning` (HTTP 202) if given.
+    fn answer_submit(
+        &self,
+        job: JobId,
+        reply: oneshot::Sender<Result<JobStatus, ApiError>>,
+        warning: Option<String>,
+    ) {
+        let st = self
+            .status(&job)
+            .map(|st| JobStatus { warning, ..st })
+            .ok_or_else(|| ApiError::NotFound(job.to_string()));
+        let _ = reply.send(st);
     }
 
     /// Answers a submission that no other holder confirmed (HTTP 202, with `why`).
@@ -1681,27 +1687,18 @@ impl Node {
     ) {
         self.submits_unconfirmed += 1;
         tracing::warn!(%job, "submission answered unconfirmed: {why}");
-        let st = self
-            .status(&job)
-            .map(|mut st| {
-                st.warning = Some(format!(
-                    "{why}. The job stands and reaches its holders once they are \
-                     reachable, but until then it is held by this node alone: losing this \
-                     node first loses the job"
-                ));
-                st
-            })
-            .ok_or_else(|| ApiError::NotFound(job.to_string()));
-        let _ = reply.send(st);
+        let warning = format!(
+            "{why}. The job stands and reaches its holders once they are reachable, but \
+             until then it is held by this node alone: losing this node first loses the job"
+        );
+        self.answer_submit(job, reply, Some(warning));
     }
 
     /// Each probe period: sends the document of each submission still unconfirmed after a
     /// failure timeout to the holders of this node's current view again, and answers
     /// those that waited the whole wait.
     fn submit_tick(&mut self, now: u64) {
-        let Scheme::Placed { k } = self.scheme else {
-            return;
-        };
+        // Only placement waits (`await_holder`).
         if self.submit_waits.is_empty() {
             return;
         }
@@ -1710,21 +1707,10 @@ impl Node {
             .submit_waits
             .due(now, self.failure_timeout_ms(), wait_ms);
         for job in due.resend {
-            let to = self.holders(&job, k);
-            let Some(saved) = self.docs.saved(&job) else {
-                continue;
-            };
-            if to.is_empty() {
-                continue;
+            // The whole document, as a fresh push: still waited on, it asks to confirm.
+            if let Some(saved) = self.docs.saved(&job) {
+                self.push(job, vec![saved], None);
             }
-            let msg = Msg::Changes {
-                job,
-                changes: vec![saved],
-                fingerprint: self.engine.view(&job).map_or(0, |v| v.fingerprint()),
-                reply: CONFIRM_REPLY,
-                sent: to.clone(),
-            };
-            self.send_all(&to, &msg);
         }
         for job in due.expired {
             let Some(reply) = self.submit_replies.remove(&job) else {
