@@ -16,6 +16,18 @@
 //! broken connection is re-established with backoff. If the peer closes the connection
 //! with [`REFUSED`], our proof was wrong: the link reports it and stops.
 //!
+//! **Liveness has a lane of its own.** Probes and their answers ([`Msg::is_liveness`]) go
+//! on a second stream of the same connection, and a reader hands them to the node on a
+//! separate queue ([`Transport::live`]) that the node serves first. On one stream a probe
+//! waited behind every job message queued before it: in the link's queue, in QUIC's flow
+//! control, and in the peer's event queue (up to `node::NET_QUEUE` events), which its
+//! reader fills before it reads on. A node with seconds of job traffic to work through
+//! then answered probes seconds late, was judged dead by nodes with less to do, and its
+//! jobs were taken over, which made the survivors' backlog longer still: at 500 hosted
+//! agents, hundreds of false death judgements a minute after a kill (`docs/experiments.md`,
+//! E2). Slow is not dead; a node that stops taking events stops answering. The lane never
+//! dials: with no connection up, a liveness frame goes on the data queue, whose link dials.
+//!
 //! An inbound connection must start with a valid `Hello` from the endpoint iroh
 //! authenticated; otherwise it is closed with [`REFUSED`] before anything is sent, so a
 //! node with the wrong secret learns nothing.
@@ -43,6 +55,9 @@ use crate::wire::{self, Msg, NodeInfo};
 pub const REFUSED: u32 = 1;
 /// Frames queued per peer before new ones are dropped.
 pub const LINK_QUEUE_FRAMES: usize = 4_096;
+/// Liveness frames (probes and answers) queued per peer before new ones are dropped: a
+/// few probe periods' worth. Probes are periodic, so an old one lost costs nothing.
+pub const LIVE_QUEUE_FRAMES: usize = 16;
 /// Most bytes written to a peer in one batch.
 pub const LINK_BATCH_BYTES: usize = 256 * 1024;
 /// Capacity a link's batch buffer keeps between batches. The buffer grows to a burst's
@@ -78,6 +93,8 @@ pub struct NetStats {
     pub msgs_in: AtomicU64,
     /// Messages dropped because a peer's queue was full.
     pub dropped: AtomicU64,
+    /// Liveness messages dropped (a full lane either way, or no stream to send them on).
+    pub live_dropped: AtomicU64,
     /// Inbound connections refused (bad hello).
     pub refused: AtomicU64,
     /// Connections this node dialled (each a QUIC handshake: under load with many
@@ -164,6 +181,7 @@ pub enum NetEvent {
 #[derive(Debug, Clone)]
 pub struct Link {
     tx: mpsc::Sender<Arc<Vec<u8>>>,
+    live: mpsc::Sender<Arc<Vec<u8>>>,
     keep: Arc<AtomicBool>,
 }
 
@@ -179,6 +197,16 @@ impl Link {
             stats.msgs_out.fetch_add(1, Ordering::Relaxed);
         } else {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queues an encoded liveness frame on the liveness lane (see the module doc); drops it
+    /// (and counts) if the lane is full.
+    pub fn send_live(&self, frame: Arc<Vec<u8>>, stats: &NetStats) {
+        if self.live.try_send(frame).is_ok() {
+            stats.msgs_out.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.live_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -265,6 +293,9 @@ pub struct Transport {
     pub secret: ClusterSecret,
     /// Where events go.
     pub events: mpsc::Sender<NetEvent>,
+    /// Where liveness messages go ([`NetEvent::Msg`] of [`Msg::is_liveness`]): a short
+    /// queue the node serves before [`Transport::events`]. A full one drops them.
+    pub live: mpsc::Sender<NetEvent>,
     /// Counters.
     pub stats: Arc<NetStats>,
     /// Injected faults.
@@ -300,33 +331,91 @@ impl Transport {
         hello: NodeInfo,
     ) -> Link {
         let (tx, rx) = mpsc::channel(LINK_QUEUE_FRAMES);
+        let (live, live_rx) = mpsc::channel(LIVE_QUEUE_FRAMES);
         let keep = Arc::new(AtomicBool::new(false));
+        let link = Link { tx, live, keep };
+        // A peer with a malformed endpoint key, or a hello that cannot be encoded, gets a
+        // link whose queues nobody reads: every frame to it is dropped and counted.
+        let Ok(key) = PublicKey::from_bytes(&endpoint) else {
+            return link;
+        };
+        let proof = hello_proof(&self.secret, &self.me(), &endpoint);
+        let Ok(hello) = wire::encode(&Msg::Hello {
+            proof,
+            info: Box::new(hello),
+        }) else {
+            return link;
+        };
+        let hello = Arc::new(hello);
+        let addr = endpoint_addr(key, &addrs);
         let t = self.clone();
-        let k = keep.clone();
-        tokio::spawn(async move { t.run_link(peer, endpoint, addrs, hello, rx, k).await });
-        Link { tx, keep }
+        let (h, k) = (hello.clone(), link.keep.clone());
+        tokio::spawn(async move { t.run_link(peer, endpoint, addr, &h, rx, k).await });
+        let t = self.clone();
+        let data = link.tx.clone();
+        tokio::spawn(async move { t.run_live(endpoint, &hello, live_rx, data).await });
+        link
+    }
+
+    /// The liveness lane of a link (see the module doc): sends on a stream of its own on
+    /// the connection the data link uses, opened when first needed and again after that
+    /// connection is replaced. It ends when the node drops the link.
+    async fn run_live(
+        self,
+        endpoint: [u8; 32],
+        hello: &[u8],
+        mut rx: mpsc::Receiver<Arc<Vec<u8>>>,
+        data: mpsc::Sender<Arc<Vec<u8>>>,
+    ) {
+        let mut stream: Option<(usize, iroh::endpoint::SendStream)> = None;
+        let mut buf = Vec::new();
+        while let Some(frame) = rx.recv().await {
+            let Some(shared) = self.conns.get(&endpoint) else {
+                // No connection: the data link dials one for this frame.
+                stream = None;
+                if data.try_send(frame).is_err() {
+                    self.stats.live_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
+            };
+            let id = shared.conn.stable_id();
+            if stream.as_ref().is_none_or(|(on, _)| *on != id) {
+                stream = None;
+                if let Ok(mut send) = shared.conn.open_uni().await
+                    && send.write_all(hello).await.is_ok()
+                {
+                    stream = Some((id, send));
+                }
+            }
+            let Some((_, send)) = stream.as_mut() else {
+                self.stats.live_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            buf.clear();
+            buf.extend_from_slice(&frame);
+            while let Ok(f) = rx.try_recv() {
+                buf.extend_from_slice(&f);
+            }
+            if send.write_all(&buf).await.is_ok() {
+                self.stats
+                    .bytes_out
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            } else {
+                stream = None;
+                self.stats.live_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     async fn run_link(
         self,
         peer: NodeId,
         endpoint: [u8; 32],
-        addrs: Vec<SocketAddr>,
-        hello: NodeInfo,
+        addr: EndpointAddr,
+        hello: &[u8],
         mut rx: mpsc::Receiver<Arc<Vec<u8>>>,
         keep: Arc<AtomicBool>,
     ) {
-        let Ok(key) = PublicKey::from_bytes(&endpoint) else {
-            return;
-        };
-        let addr = endpoint_addr(key, &addrs);
-        let proof = hello_proof(&self.secret, &self.me(), &endpoint);
-        let Ok(hello) = wire::encode(&Msg::Hello {
-            proof,
-            info: Box::new(hello),
-        }) else {
-            return;
-        };
         let mut backoff = BACKOFF_MIN;
         // A link holds a connection only while it has something to send: the frame that
         // woke it waits here until a connection is up.
@@ -375,7 +464,7 @@ impl Transport {
             };
             let conn = &shared.conn;
             match self
-                .pump(&shared, &hello, &mut rx, &mut pending, &keep)
+                .pump(&shared, hello, &mut rx, &mut pending, &keep)
                 .await
             {
                 Pump::Closed => return,
@@ -566,9 +655,15 @@ impl Transport {
         // Offered before the node hears the hello: its first message back to a joining
         // node then goes on this connection instead of a second one.
         self.conns.offer(*remote.as_bytes(), &shared);
-        if self.events.send(NetEvent::Hello(info)).await.is_err() {
-            return;
-        }
+        // The hello goes to the node now if its queue has room, else just before the
+        // stream's first job message: a liveness stream carries none, and its reader
+        // must not wait behind the queue (the module doc). The node ignores messages
+        // from a member it has not heard of, and liveness ones are repeated.
+        let mut hello = match self.events.try_send(NetEvent::Hello(info)) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(h)) => Some(h),
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        };
         loop {
             match wire::read_frame(&mut recv).await {
                 Ok(Some(_)) if self.partitioned(conn) => return,
@@ -578,6 +673,22 @@ impl Transport {
                         .store(self.conns.now_ms(), Ordering::Relaxed);
                     self.stats.msgs_in.fetch_add(1, Ordering::Relaxed);
                     self.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    if msg.is_liveness() {
+                        // Never waits: a liveness message late is as good as lost.
+                        match self.live.try_send(NetEvent::Msg { from, msg }) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                self.stats.live_dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => return,
+                        }
+                        continue;
+                    }
+                    if let Some(h) = hello.take()
+                        && self.events.send(h).await.is_err()
+                    {
+                        return;
+                    }
                     if self.events.send(NetEvent::Msg { from, msg }).await.is_err() {
                         return;
                     }
@@ -617,5 +728,143 @@ fn classify(reason: iroh::endpoint::ConnectionError) -> Pump {
             Pump::Refused(String::from_utf8_lossy(&c.reason).into_owned())
         }
         _ => Pump::Broken,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ticket::ClusterSecret;
+
+    async fn endpoint() -> Endpoint {
+        Endpoint::builder(iroh::endpoint::presets::Minimal)
+            .secret_key(iroh::SecretKey::generate())
+            .alpns(vec![wire::ALPN.to_vec()])
+            .relay_mode(iroh::RelayMode::Disabled)
+            .clear_ip_transports()
+            .bind_addr("127.0.0.1:0".parse::<SocketAddr>().expect("addr"))
+            .expect("bind address")
+            .bind()
+            .await
+            .expect("bind")
+    }
+
+    fn info(id: NodeId, endpoint: &Endpoint) -> NodeInfo {
+        NodeInfo {
+            id,
+            endpoint: *endpoint.id().as_bytes(),
+            addrs: endpoint.bound_sockets(),
+            http: None,
+            version: (1, 1),
+            capacity: Default::default(),
+            free: Default::default(),
+            slots: 1,
+            free_slots: 1,
+            labels: Default::default(),
+            containers: false,
+            gpus: Vec::new(),
+            running: Vec::new(),
+            replicas: 0,
+        }
+    }
+
+    /// A transport with an event queue of `events` and a liveness queue of 16, serving
+    /// the connections its endpoint accepts.
+    fn transport(
+        endpoint: &Endpoint,
+        secret: &ClusterSecret,
+        events: usize,
+    ) -> (
+        Transport,
+        mpsc::Receiver<NetEvent>,
+        mpsc::Receiver<NetEvent>,
+    ) {
+        let (events, events_rx) = mpsc::channel(events);
+        let (live, live_rx) = mpsc::channel(16);
+        let t = Transport {
+            endpoint: endpoint.clone(),
+            secret: *secret,
+            events,
+            live,
+            stats: Arc::default(),
+            faults: Arc::default(),
+            replicas: 0,
+            conns: Conns::default(),
+        };
+        let served = t.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = served.endpoint.accept().await {
+                let t = served.clone();
+                tokio::spawn(async move {
+                    if let Ok(conn) = incoming.await {
+                        t.serve(conn).await;
+                    }
+                });
+            }
+        });
+        (t, events_rx, live_rx)
+    }
+
+    async fn next_live(rx: &mut mpsc::Receiver<NetEvent>) -> (NodeId, Msg) {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(NetEvent::Msg { from, msg })) => (from, msg),
+            other => panic!("expected a liveness message, got {other:?}"),
+        }
+    }
+
+    fn frame(msg: &Msg) -> Arc<Vec<u8>> {
+        Arc::new(wire::encode(msg).expect("encode"))
+    }
+
+    /// The receiver's event queue is full and nobody reads it (a node with a backlog of
+    /// job messages): a probe sent after a burst of job messages still arrives at once,
+    /// on the liveness queue, and the burst is delivered in full once the node reads on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_overtakes_a_backlog_of_job_messages() {
+        let secret = ClusterSecret::generate();
+        let (ep_a, ep_b) = (endpoint().await, endpoint().await);
+        let (a, b) = (NodeId::from_index(1), NodeId::from_index(2));
+        let (_ta, mut events, mut live) = transport(&ep_a, &secret, 1);
+        let (tb, _events_b, _live_b) = transport(&ep_b, &secret, 16);
+        let link = tb.link(
+            a,
+            *ep_a.id().as_bytes(),
+            ep_a.bound_sockets(),
+            info(b, &ep_b),
+        );
+
+        // No connection yet: the probe goes on the data link, which dials.
+        link.send_live(frame(&Msg::Probe), &tb.stats);
+        assert!(matches!(next_live(&mut live).await, (from, Msg::Probe) if from == b));
+        match events.recv().await {
+            Some(NetEvent::Hello(i)) => assert_eq!(i.id, b),
+            other => panic!("expected the hello, got {other:?}"),
+        }
+
+        // A burst the receiver does not read: its one-slot queue fills, its reader waits.
+        const BURST: u64 = 50;
+        for hash in 0..BURST {
+            link.send(frame(&Msg::MemberDigest { hash, reply: false }), &tb.stats);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        link.send_live(frame(&Msg::Ack), &tb.stats);
+        assert!(matches!(next_live(&mut live).await, (from, Msg::Ack) if from == b));
+
+        // Nothing of the burst was lost, and it arrives in order.
+        let mut want = 0;
+        while want < BURST {
+            match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+                Ok(Some(NetEvent::Msg {
+                    msg: Msg::MemberDigest { hash, .. },
+                    ..
+                })) => {
+                    assert_eq!(hash, want);
+                    want += 1;
+                }
+                Ok(Some(NetEvent::Hello(_))) => {} // the liveness stream's, had it room
+                other => panic!("expected job message {want}, got {other:?}"),
+            }
+        }
+        assert_eq!(tb.stats.live_dropped.load(Ordering::Relaxed), 0);
     }
 }

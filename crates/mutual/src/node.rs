@@ -59,6 +59,10 @@ pub const MAX_REPLICAS: usize = 64;
 pub const API_QUEUE: usize = 1_024;
 /// Transport events queued for the actor.
 pub const NET_QUEUE: usize = 8_192;
+/// Liveness messages (probes and answers) queued for the actor, served before
+/// [`NET_QUEUE`]'s (`net` module doc); past it they are dropped. A node watches and is
+/// watched by a few ring neighbours, and re-probes a few more, so this is many rounds.
+pub const LIVE_QUEUE: usize = 1_024;
 /// Anti-entropy rounds a restarted node waits for a caught-up peer before going active.
 pub const PASSIVE_FALLBACK_ROUNDS: u32 = 3;
 /// Nodes believed dead near this one on the ring are re-probed once per this many ticks.
@@ -593,6 +597,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     };
 
     let (net_tx, net_rx) = mpsc::channel(NET_QUEUE);
+    let (live_tx, live_rx) = mpsc::channel(LIVE_QUEUE);
     let (api_tx, api_rx) = mpsc::channel(API_QUEUE);
     let (int_tx, int_rx) = mpsc::unbounded_channel();
     let (joined_tx, joined_rx) = tokio::sync::watch::channel(None);
@@ -601,6 +606,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         endpoint: endpoint.clone(),
         secret,
         events: net_tx,
+        live: live_tx,
         stats: stats.clone(),
         faults: Arc::new(net::Faults::default()),
         replicas: cfg.replicas as u32,
@@ -673,6 +679,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         downs: DownRepeats::default(),
         detection_ms: Histogram::new([100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 5000.0]),
         judged_total: 0,
+        revived_total: 0,
         members_dirty: false,
         members_saved_at: None,
         containers,
@@ -715,7 +722,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
     } else if node.members.is_empty() {
         node.feed(now, Event::CaughtUp);
     }
-    tokio::spawn(node.run(net_rx, api_rx, int_rx));
+    tokio::spawn(node.run(live_rx, net_rx, api_rx, int_rx));
     Ok(Started {
         id,
         ticket,
@@ -857,6 +864,9 @@ struct Node {
     downs: DownRepeats<NodeId>,
     detection_ms: Histogram,
     judged_total: u64,
+    /// Members this node believed dead and then heard from (each a death judgement,
+    /// its own or one it was told of, proved wrong).
+    revived_total: u64,
     members_dirty: bool,
     /// When `members.json` was last written (see [`MEMBERS_SAVE_INTERVAL`]).
     members_saved_at: Option<std::time::Instant>,
@@ -897,6 +907,7 @@ struct Node {
 impl Node {
     async fn run(
         mut self,
+        mut live: mpsc::Receiver<NetEvent>,
         mut net: mpsc::Receiver<NetEvent>,
         mut api: mpsc::Receiver<ApiReq>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
@@ -917,6 +928,8 @@ impl Node {
             };
             tokio::select! {
                 biased;
+                // Liveness first: a probe answered late reads as a dead node.
+                Some(ev) = live.recv() => self.on_net(ev),
                 Some(ev) = internal.recv() => self.on_internal(ev),
                 Some(ev) = net.recv() => self.on_net(ev),
                 Some(req) = api.recv() => self.on_api(req),
@@ -1511,6 +1524,7 @@ impl Node {
             return;
         }
         let ev = if alive {
+            self.revived_total += 1;
             Event::MemberUp(id)
         } else {
             Event::MemberDown(id)
@@ -1526,6 +1540,7 @@ impl Node {
             return;
         };
         match wire::encode(msg) {
+            Ok(f) if msg.is_liveness() => link.send_live(Arc::new(f), &self.stats),
             Ok(f) => link.send(Arc::new(f), &self.stats),
             Err(e) => tracing::error!("cannot encode a message: {e}"),
         }
@@ -2737,6 +2752,12 @@ impl Node {
         );
         counter(
             &mut reg,
+            "liveness_messages_dropped",
+            "Probes and answers dropped: a full liveness lane, or no stream to send them on",
+            n.live_dropped.load(Relaxed),
+        );
+        counter(
+            &mut reg,
             "connections_dialled",
             "Peer connections this node dialled (a QUIC handshake each)",
             n.dialled.load(Relaxed),
@@ -2774,6 +2795,12 @@ impl Node {
             "members_judged_dead",
             "Members this node's detector judged dead",
             self.judged_total,
+        );
+        counter(
+            &mut reg,
+            "members_revived",
+            "Members believed dead that were heard from again (a death judgement proved wrong)",
+            self.revived_total,
         );
         reg.register(
             "submit_confirm_milliseconds",

@@ -167,6 +167,15 @@ pub enum Msg {
     },
 }
 
+impl Msg {
+    /// Whether this message is the failure detector's (a probe or its answer). These travel
+    /// on a stream of their own and skip the node's event queue (`net` module doc), so a
+    /// backlog of job traffic does not read as a silent node.
+    pub fn is_liveness(&self) -> bool {
+        matches!(self, Msg::Probe | Msg::Ack)
+    }
+}
+
 /// What goes to every member, down the overlay's broadcast tree.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Bcast {
