@@ -1896,11 +1896,14 @@ impl Sim {
         if !self.up(to) {
             return;
         }
-        // Any message is evidence that its sender was alive when it sent it: a node that
-        // believed the sender dead (say, a Down during a partition whose Up was lost) takes
-        // it back, as the engine does for records written after a judgement. Otherwise the
-        // stale belief outlives the sender's real death, when a new Down changes nothing.
-        if from != to && !self.nodes[to as usize].det.is_alive(from as usize) {
+        // A probe is evidence that its sender is alive: a node that believed the sender
+        // dead (say, a Down during a partition whose Up was lost) takes it back, as the
+        // engine does for records written after a judgement. Otherwise the stale belief
+        // outlives the sender's real death, when a new Down changes nothing. As in
+        // `mutual node`, only a probe counts (an ack is handled below): there a job
+        // message may have waited long behind others, and been sent before its sender
+        // died and was judged dead.
+        if matches!(msg, Msg::Probe) && !self.nodes[to as usize].det.is_alive(from as usize) {
             self.mark(to, from, true);
         }
         match msg {

@@ -160,7 +160,13 @@ impl Faults {
 #[derive(Debug)]
 pub enum NetEvent {
     /// An authenticated peer said hello.
-    Hello(NodeInfo),
+    Hello {
+        /// Who.
+        info: NodeInfo,
+        /// Whether the hello waited behind the node's event queue (it is then no evidence
+        /// that the peer is alive now: it may have died while the hello waited).
+        late: bool,
+    },
     /// A message from an authenticated peer.
     Msg {
         /// The sender.
@@ -659,9 +665,12 @@ impl Transport {
         // stream's first job message: a liveness stream carries none, and its reader
         // must not wait behind the queue (the module doc). The node ignores messages
         // from a member it has not heard of, and liveness ones are repeated.
-        let mut hello = match self.events.try_send(NetEvent::Hello(info)) {
+        let mut hello = match self.events.try_send(NetEvent::Hello { info, late: false }) {
             Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(h)) => Some(h),
+            Err(mpsc::error::TrySendError::Full(NetEvent::Hello { info, .. })) => {
+                Some(NetEvent::Hello { info, late: true })
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => None,
             Err(mpsc::error::TrySendError::Closed(_)) => return,
         };
         loop {
@@ -837,7 +846,7 @@ mod tests {
         link.send_live(frame(&Msg::Probe), &tb.stats);
         assert!(matches!(next_live(&mut live).await, (from, Msg::Probe) if from == b));
         match events.recv().await {
-            Some(NetEvent::Hello(i)) => assert_eq!(i.id, b),
+            Some(NetEvent::Hello { info, late }) => assert!(info.id == b && !late),
             other => panic!("expected the hello, got {other:?}"),
         }
 
@@ -861,7 +870,7 @@ mod tests {
                     assert_eq!(hash, want);
                     want += 1;
                 }
-                Ok(Some(NetEvent::Hello(_))) => {} // the liveness stream's, had it room
+                Ok(Some(NetEvent::Hello { .. })) => {} // the liveness stream's, had it room
                 other => panic!("expected job message {want}, got {other:?}"),
             }
         }

@@ -2066,7 +2066,7 @@ impl Node {
     fn on_net(&mut self, ev: NetEvent) {
         let now = now_ms();
         match ev {
-            NetEvent::Hello(info) => {
+            NetEvent::Hello { info, late } => {
                 let id = info.id;
                 let new = !self.members.contains_key(&id);
                 // A new member or a new boot needs anti-entropy now; a link that merely
@@ -2080,7 +2080,7 @@ impl Node {
                 if !matches!(*self.joined.borrow(), Some(Ok(()))) {
                     self.joined.send_replace(Some(Ok(())));
                 }
-                if self.members.get(&id).is_some_and(|m| !m.alive) {
+                if !late && self.members.get(&id).is_some_and(|m| !m.alive) {
                     self.mark(id, true, now);
                 }
                 if let Some(info) = announce {
@@ -2117,8 +2117,17 @@ impl Node {
         if !self.members.contains_key(&from) {
             return;
         }
-        // Any message is evidence that its sender was alive when it sent it.
-        if self.members.get(&from).is_some_and(|m| !m.alive) && !matches!(msg, Msg::Ack) {
+        // A probe is evidence that its sender is alive now: it comes on the liveness
+        // lane, which never waits behind job traffic (an ack is handled below). Other
+        // messages are not. They may have waited behind thousands of others, in this
+        // node's queue or in QUIC's buffers, and been sent before their sender died and
+        // was judged dead. Taken as evidence, they revived dead members by the thousand
+        // at 500 hosted agents after a kill, and a holder that believes a dead member
+        // alive does not take its jobs over. A member wrongly judged dead is still
+        // revived: by its watchers' re-probes, its refutation when told, a probe it sends,
+        // the probe of a member believed dead each anti-entropy round, or a record it
+        // wrote after the judgement.
+        if matches!(msg, Msg::Probe) && self.members.get(&from).is_some_and(|m| !m.alive) {
             self.mark(from, true, now);
         }
         match msg {
