@@ -8,10 +8,12 @@
 //! node is judged dead the watcher moves on to the next one, so a run of dead neighbours is
 //! found one hop at a time.
 //!
-//! Beliefs are corrected by evidence: any message from a node believed dead, an answer to a
+//! Beliefs are corrected by evidence: a probe from a node believed dead, an answer to a
 //! re-probe, or a record it wrote after the judgement (the engine drops its judgement then,
 //! and the driver must follow, or a node judged dead by mistake — say across a partition — is
 //! never watched again and its real death later goes unnoticed; the simulator found this).
+//! Other messages are not evidence: in a node under load one may have waited behind
+//! thousands of others and been sent before its sender died and was judged dead.
 //! Nodes believed dead between this node and its last live target are re-probed now and
 //! then, for the same reason.
 //!
