@@ -2121,9 +2121,9 @@ impl Node {
         // lane, which never waits behind job traffic (an ack is handled below). Other
         // messages are not. They may have waited behind thousands of others, in this
         // node's queue or in QUIC's buffers, and been sent before their sender died and
-        // was judged dead. Taken as evidence, they revived dead members by the thousand
-        // at 500 hosted agents after a kill, and a holder that believes a dead member
-        // alive does not take its jobs over. A member wrongly judged dead is still
+        // was judged dead. Taken as evidence, one such message revives a dead member,
+        // and a holder that believes a dead member alive does not take its jobs over
+        // until a Down reaches it again. A member wrongly judged dead is still
         // revived: by its watchers' re-probes, its refutation when told, a probe it sends,
         // the probe of a member believed dead each anti-entropy round, or a record it
         // wrote after the judgement.
