@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use mutual::client::Client;
+use mutual::client::{Client, metric};
 use mutual::types::JobStatus;
 use mutual_bench::plot::{Chart, Series, csv, line_chart};
 use mutual_bench::{
@@ -181,13 +181,19 @@ struct Run {
     cpu_cores_per_node: Vec<f64>,
     peak_rss_mib: Vec<f64>,
     drain_s: f64,
+    /// Death judgements the survivors' detectors made, summed (a killed node is judged by
+    /// about two watchers; more means live nodes were judged dead).
+    members_judged_dead: u64,
+    /// Members the survivors believed dead and then heard from, summed: each a death
+    /// judgement (made or told) taken back.
+    members_revived: u64,
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-const CSV_HEADER: [&str; 23] = [
+const CSV_HEADER: [&str; 25] = [
     "n",
     "slots",
     "kill_pct",
@@ -211,6 +217,8 @@ const CSV_HEADER: [&str; 23] = [
     "drain_s",
     "nodes_per_process",
     "replicas",
+    "members_judged_dead",
+    "members_revived",
 ];
 
 fn csv_row(r: &Run) -> Vec<String> {
@@ -240,6 +248,8 @@ fn csv_row(r: &Run) -> Vec<String> {
         format!("{:.1}", r.drain_s),
         r.per_process.to_string(),
         r.replicas.to_string(),
+        r.members_judged_dead.to_string(),
+        r.members_revived.to_string(),
     ]
 }
 
@@ -282,6 +292,8 @@ fn summarize(rs: &[&Run]) -> Value {
         "per_node_peak_rss_mib_max": pct(&rss, 1.0),
         "per_node_cpu_cores_mean": mean(&cpu),
         "drain_s_mean": mean(&rs.iter().map(|r| r.drain_s).collect::<Vec<_>>()),
+        "members_judged_dead": rs.iter().map(|r| r.members_judged_dead).sum::<u64>(),
+        "members_revived": rs.iter().map(|r| r.members_revived).sum::<u64>(),
         "node_args": rs.first().map(|r| r.node_args.clone()),
     })
 }
@@ -618,12 +630,18 @@ fn run(
     let (mut msgs_per_node_s, mut peak_rss_mib) = (Vec::new(), Vec::new());
     let secs = began.elapsed().as_secs_f64().max(1e-3);
     let mut cpu_cores_per_node = Vec::new();
+    let (mut members_judged_dead, mut members_revived) = (0, 0);
     for ((n, at_start), cpu_then) in nodes.iter().zip(&msgs_at_start).zip(&cpu_at_start) {
         if !n.is_running() {
             continue;
         }
-        if let (Some(now), Some(then)) = (msgs(n), at_start) {
-            msgs_per_node_s.push(now.saturating_sub(*then) as f64 / secs);
+        let metrics = n.client().metrics().ok();
+        if let (Some(m), Some(then)) = (&metrics, at_start) {
+            msgs_per_node_s.push(sync_messages(m).saturating_sub(*then) as f64 / secs);
+        }
+        if let Some(m) = &metrics {
+            members_judged_dead += metric(m, "mutual_members_judged_dead");
+            members_revived += metric(m, "mutual_members_revived");
         }
         if let (Some(now), Some(then)) = (node_cpu_s(n), cpu_then) {
             cpu_cores_per_node.push((now - then).max(0.0) / secs);
@@ -663,5 +681,7 @@ fn run(
         cpu_cores_per_node,
         peak_rss_mib,
         drain_s,
+        members_judged_dead,
+        members_revived,
     })
 }
