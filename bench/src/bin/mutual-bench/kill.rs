@@ -182,7 +182,7 @@ struct Run {
     peak_rss_mib: Vec<f64>,
     drain_s: f64,
     /// Death judgements the survivors' detectors made, summed (a killed node is judged by
-    /// about two watchers; more means live nodes were judged dead).
+    /// one or two of its watchers; more means live nodes were judged dead).
     members_judged_dead: u64,
     /// Members the survivors believed dead and then heard from, summed: each a death
     /// judgement (made or told) taken back.
