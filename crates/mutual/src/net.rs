@@ -199,21 +199,27 @@ impl Link {
 
     /// Queues an encoded frame; drops it (and counts) if the queue is full.
     pub fn send(&self, frame: Arc<Vec<u8>>, stats: &NetStats) {
-        if self.tx.try_send(frame).is_ok() {
-            stats.msgs_out.fetch_add(1, Ordering::Relaxed);
-        } else {
-            stats.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        queue(&self.tx, frame, stats, &stats.dropped);
     }
 
     /// Queues an encoded liveness frame on the liveness lane (see the module doc); drops it
     /// (and counts) if the lane is full.
     pub fn send_live(&self, frame: Arc<Vec<u8>>, stats: &NetStats) {
-        if self.live.try_send(frame).is_ok() {
-            stats.msgs_out.fetch_add(1, Ordering::Relaxed);
-        } else {
-            stats.live_dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        queue(&self.live, frame, stats, &stats.live_dropped);
+    }
+}
+
+/// Queues `frame` on `tx`, counting it sent, or dropped in `dropped` if `tx` is full.
+fn queue(
+    tx: &mpsc::Sender<Arc<Vec<u8>>>,
+    frame: Arc<Vec<u8>>,
+    stats: &NetStats,
+    dropped: &AtomicU64,
+) {
+    if tx.try_send(frame).is_ok() {
+        stats.msgs_out.fetch_add(1, Ordering::Relaxed);
+    } else {
+        dropped.fetch_add(1, Ordering::Relaxed);
     }
 }
 
