@@ -10,7 +10,7 @@
 //! **Watching.** Failure detection must not cost every node O(N): each node probes only the
 //! first [`WATCHERS`] live nodes after it on a ring ordered by node id. When a watched node
 //! is judged dead its watcher starts watching the next one, so a run of dead neighbours is
-//! still found, one hop at a time.
+//! still found (in one probe period, thanks to `membership::LOOKAHEAD`).
 
 use crate::ids::{JobId, NodeId};
 use crate::token::Epoch;

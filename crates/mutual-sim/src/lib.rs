@@ -10,10 +10,13 @@
 //!   duplication, and partitions that split the nodes in two groups for a while.
 //! - **Clocks**: each node's local clock has a fixed offset (skew) and a rate error (drift);
 //!   the engines see only local time. Timers are converted back to global time.
-//! - **Crashes**: killed nodes stop for good; crashed nodes restart later from their durable
-//!   state (their replica), losing their executions, timers and membership view.
+//! - **Crashes**: killed nodes stop for good (each at its own moment, or all at one with
+//!   `kill_together`, as `mutual-bench e2|e3` kills); crashed nodes restart later from
+//!   their durable state (their replica), losing their executions, timers and membership
+//!   view.
 //! - **Failure detection**: each node probes the `WATCHERS` ring successors it believes
-//!   alive ([`mutual_core::membership::Detector`], shared with `mutual node`); silence past the timeout makes it
+//!   alive, and the `LOOKAHEAD` after them ([`mutual_core::membership::Detector`], shared
+//!   with `mutual node`); silence past the timeout makes it
 //!   [`Event::Suspect`] the node and tell everyone. A node told it is dead refutes it.
 //! - **Replication**: every record written is pushed to every node; periodic anti-entropy
 //!   compares per-job fingerprints with a random peer and exchanges the differing jobs,
@@ -74,6 +77,9 @@ pub struct SimConfig {
     pub seed: u64,
     /// Percent of nodes killed for good during the safety phase.
     pub kill_percent: f64,
+    /// Kill them all at one moment (drawn from the seed), as `mutual-bench e2|e3` does,
+    /// instead of each at its own: dead ring neighbours then die together.
+    pub kill_together: bool,
     /// Percent of nodes that crash and restart during the safety phase.
     pub restart_percent: f64,
     /// Percent of messages lost during the safety phase.
@@ -148,6 +154,7 @@ impl Default for SimConfig {
             jobs: 1_000,
             seed: 0,
             kill_percent: 10.0,
+            kill_together: false,
             restart_percent: 5.0,
             loss_percent: 1.0,
             dup_percent: 1.0,
@@ -193,6 +200,9 @@ impl SimConfig {
             };
         }
         flag!(kill_percent, "kill-percent");
+        if self.kill_together {
+            s.push_str(" --kill-together");
+        }
         flag!(restart_percent, "restart-percent");
         flag!(loss_percent, "loss-percent");
         flag!(dup_percent, "dup-percent");
@@ -806,8 +816,13 @@ impl Sim {
         let restarts = ((cfg.restart_percent / 100.0) * f64::from(n)).round() as usize;
         let kills = kills.min(order.len().saturating_sub(1));
         let restarts = restarts.min(order.len().saturating_sub(1 + kills));
+        // Drawn only when asked for, so that runs without it keep their draws.
+        let together = cfg
+            .kill_together
+            .then(|| self.rng.random_range(fault_ms / 10..fault_ms));
         for &node in &order[..kills] {
             let at = self.rng.random_range(fault_ms / 10..fault_ms);
+            let at = together.unwrap_or(at);
             self.schedule(
                 at,
                 Ev::Crash {
@@ -1461,22 +1476,20 @@ impl Sim {
         if !self.up(i) || self.nodes[i as usize].inc != inc {
             return;
         }
-        let tick = self.nodes[i as usize].det.tick(self.now);
+        // As `mutual node` does: judge until no one is judged (each round marks at least
+        // one node dead), then probe.
+        let mut tick = self.nodes[i as usize].det.tick(self.now);
+        for _ in 0..self.nodes.len() {
+            if tick.judged.is_empty() {
+                break;
+            }
+            for t in std::mem::take(&mut tick.judged) {
+                self.judge(i, t as u32);
+            }
+            tick = self.nodes[i as usize].det.tick(self.now);
+        }
         for t in tick.probe {
             self.send(i, t as u32, Msg::Probe);
-        }
-        for t in tick.judged {
-            let t = t as u32;
-            self.trace(
-                t,
-                &format!("judged dead by watcher {:?}", self.nodes[i as usize].id),
-            );
-            self.mark(i, t, false);
-            let id = self.nodes[t as usize].id;
-            self.feed(i, Event::Suspect(id), None);
-            self.broadcast(i, Msg::Down(t));
-            let timeout = self.cfg.fd_timeout_ms;
-            self.nodes[i as usize].downs.judged(t, self.now, timeout);
         }
         // As `mutual node` does: repeat the judgements that still hold.
         let node = &mut self.nodes[i as usize];
@@ -1500,6 +1513,21 @@ impl Sim {
             self.now + self.cfg.probe_interval_ms,
             Ev::ProbeTick { node: i, inc },
         );
+    }
+
+    /// Node `i`'s detector judged node `t` dead: as `mutual node` does, its engine and
+    /// everyone else are told, and the judgement is repeated while it holds.
+    fn judge(&mut self, i: u32, t: u32) {
+        self.trace(
+            t,
+            &format!("judged dead by watcher {:?}", self.nodes[i as usize].id),
+        );
+        self.mark(i, t, false);
+        let id = self.nodes[t as usize].id;
+        self.feed(i, Event::Suspect(id), None);
+        self.broadcast(i, Msg::Down(t));
+        let timeout = self.cfg.fd_timeout_ms;
+        self.nodes[i as usize].downs.judged(t, self.now, timeout);
     }
 
     /// As `mutual node` does each probe period: node `i` sends its unconfirmed submissions
@@ -2098,10 +2126,15 @@ impl Sim {
         }
         for info in &self.jobs {
             let Some(id) = info.id else { return false };
+            let holders: Vec<&JobView> = live.iter().filter_map(|e| e.view(&id)).collect();
+            if holders.is_empty() && info.unpromised && !info.confirmed {
+                // Never promised to its client and held by no live node: gone for good
+                // (`finish` counts it in `unpromised_lost`), nothing left to wait for.
+                continue;
+            }
             if !self.missing_holders(&id).is_empty() {
                 return false;
             }
-            let holders: Vec<&JobView> = live.iter().filter_map(|e| e.view(&id)).collect();
             let Some(f0) = holders.first().map(|v| v.fingerprint()) else {
                 return false;
             };

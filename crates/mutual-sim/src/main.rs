@@ -38,6 +38,10 @@ struct Args {
     /// Percent of nodes SIGKILLed for good during the safety phase.
     #[arg(long)]
     kill_percent: Option<f64>,
+    /// Kill those nodes all at one moment (as `mutual-bench e2|e3` does), not each at
+    /// its own.
+    #[arg(long)]
+    kill_together: bool,
     /// Percent of nodes that crash and restart from their durable state.
     #[arg(long)]
     restart_percent: Option<f64>,
@@ -132,6 +136,7 @@ impl Args {
             jobs: self.jobs,
             seed,
             kill_percent: self.kill_percent.unwrap_or(d.kill_percent),
+            kill_together: self.kill_together,
             restart_percent: self.restart_percent.unwrap_or(d.restart_percent),
             loss_percent: self.loss_percent.unwrap_or(d.loss_percent),
             dup_percent: self.dup_percent.unwrap_or(d.dup_percent),

@@ -1804,26 +1804,25 @@ impl Node {
             self.det.forgive(gap - period, now);
         }
         self.det.set_timeout(self.failure_timeout_ms());
-        let tick = self.det.tick(now);
+        // Judge until no one is judged: the nodes watched next may have been silent as
+        // long, timed while looked ahead at (`membership::LOOKAHEAD`). Each round marks
+        // at least one node dead, so it ends within the ring's length.
+        let mut tick = self.det.tick(now);
+        for _ in 0..self.det.ring().len() {
+            if tick.judged.is_empty() {
+                break;
+            }
+            for j in std::mem::take(&mut tick.judged) {
+                self.judge(j, now);
+            }
+            tick = self.det.tick(now);
+        }
         let sent = std::time::Instant::now();
         for p in tick.probe {
             if let Some(id) = self.det.ring().get(p).copied() {
                 self.probed_at.insert(id, sent);
                 self.send(&id, &Msg::Probe);
             }
-        }
-        for j in tick.judged {
-            let Some(id) = self.det.ring().get(j).copied() else {
-                continue;
-            };
-            let timeout = self.det.timeout_ms();
-            tracing::info!(node = %id, "judged dead (silent for {timeout} ms)");
-            self.judged_total += 1;
-            self.detection_ms.observe(timeout as f64);
-            self.mark(id, false, now);
-            self.feed(now, Event::Suspect(id));
-            self.broadcast(Bcast::Down(id));
-            self.downs.judged(id, now, timeout);
         }
         let members = &self.members;
         let again = self.downs.due(now, self.det.timeout_ms(), |id| {
@@ -1840,6 +1839,22 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// This node's detector judged the node at ring position `pos` dead: the engine and
+    /// everyone else are told, and the judgement is repeated while it holds.
+    fn judge(&mut self, pos: usize, now: u64) {
+        let Some(id) = self.det.ring().get(pos).copied() else {
+            return;
+        };
+        let timeout = self.det.timeout_ms();
+        tracing::info!(node = %id, "judged dead (silent for {timeout} ms)");
+        self.judged_total += 1;
+        self.detection_ms.observe(timeout as f64);
+        self.mark(id, false, now);
+        self.feed(now, Event::Suspect(id));
+        self.broadcast(Bcast::Down(id));
+        self.downs.judged(id, now, timeout);
     }
 
     /// Folds in a probe round trip and adapts the engine's claim timing to it: a claim
