@@ -551,6 +551,17 @@ impl JobView {
         self.digest
     }
 
+    /// True iff some node wrote a start record for `epoch`.
+    pub fn is_started(&self, epoch: Epoch) -> bool {
+        self.starts
+            .range_inclusive(
+                &(epoch, NodeId([0; 32])),
+                Some(&(epoch, NodeId([0xff; 32]))),
+            )
+            .next()
+            .is_some()
+    }
+
     /// True iff some epoch has been expired by anyone.
     pub fn is_expired(&self, epoch: Epoch) -> bool {
         self.expiries

@@ -10,7 +10,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use common::{node, spec};
-use mutual_core::derive::{Derived, JobState, MAX_TAKEOVERS, derive_state, restorable_checkpoint};
+use mutual_core::derive::{
+    Derived, JobState, MAX_EXPIRED_EPOCHS, MAX_TAKEOVERS, derive_state, restorable_checkpoint,
+};
 use mutual_core::hlc::Hlc;
 use mutual_core::ids::NodeId;
 use mutual_core::invariants::{
@@ -132,6 +134,10 @@ impl Model {
                 expired_epochs.push(*e);
             }
         }
+        let expired_started = expired_epochs
+            .iter()
+            .filter(|e| self.starts.iter().any(|(s, _)| s == *e))
+            .count() as u32;
         let attempts_used = failed_epochs.len() as u32;
 
         let mut accepted = None;
@@ -143,7 +149,9 @@ impl Model {
             JobState::Failed {
                 token: best_failure.map(to_token),
             }
-        } else if expired_epochs.len() as u32 >= self.max_attempts + MAX_TAKEOVERS {
+        } else if expired_started >= self.max_attempts + MAX_TAKEOVERS
+            || expired_epochs.len() as u32 >= MAX_EXPIRED_EPOCHS
+        {
             JobState::Failed { token: None }
         } else if !self.cancels.is_empty() {
             JobState::Cancelled
@@ -619,43 +627,72 @@ proptest! {
     }
 }
 
-/// Long expiry chains reach the takeover cap: `max_attempts + MAX_TAKEOVERS` expired
-/// epochs fail the job (with no accepted result), one fewer does not.
+/// Claims `epochs` epochs one after another, each expired by node 0, starting the claim
+/// first when `start` is true; checks every step against the model. Returns the state
+/// before the last expiry and after it.
+fn expire_chain(max_attempts: u32, epochs: u32, start: bool) -> (Harness, JobState, JobState) {
+    let mut h = Harness::new(max_attempts);
+    let mut prev = h
+        .check(&JobState::Queued { epoch: Epoch(1) })
+        .expect("initial")
+        .state;
+    let mut before_last = prev;
+    for e in 1..=epochs {
+        h.apply(&Op::Claim {
+            next: true,
+            node: (e % u32::from(NODES)) as u8,
+            late: 0,
+        });
+        prev = h.check(&prev).expect("after claim").state;
+        assert!(!prev.is_terminal(), "terminal after {e} claims: {prev:?}");
+        if start {
+            // One claim per epoch: claim e is at index e - 1.
+            h.apply(&Op::Start {
+                pick: (e - 1) as u8,
+            });
+            prev = h.check(&prev).expect("after start").state;
+        }
+        before_last = prev;
+        h.apply(&Op::Expire {
+            pick: 1,
+            observer: 0,
+            reason: 1,
+        });
+        prev = h.check(&prev).expect("after expiry").state;
+    }
+    (h, before_last, prev)
+}
+
+/// Long chains of takeovers reach the takeover cap: `max_attempts + MAX_TAKEOVERS` expired
+/// epochs that had started fail the job (with no accepted result), one fewer does not.
 #[test]
 fn takeover_cap_fails_the_job() {
     for max_attempts in [1u32, 3] {
-        let mut h = Harness::new(max_attempts);
-        let mut prev = h
-            .check(&JobState::Queued { epoch: Epoch(1) })
-            .expect("initial")
-            .state;
         let cap = max_attempts + MAX_TAKEOVERS;
-        for e in 1..=cap {
-            h.apply(&Op::Claim {
-                next: true,
-                node: (e % u32::from(NODES)) as u8,
-                late: 0,
-            });
-            prev = h.check(&prev).expect("after claim").state;
-            assert!(!prev.is_terminal(), "terminal after {e} claims: {prev:?}");
-            h.apply(&Op::Expire {
-                pick: 1,
-                observer: 0,
-                reason: 1,
-            });
-            prev = h.check(&prev).expect("after expiry").state;
-            if e < cap {
-                assert_eq!(
-                    prev,
-                    JobState::Queued {
-                        epoch: Epoch(e + 1)
-                    }
-                );
-            }
-        }
-        assert_eq!(prev, JobState::Failed { token: None });
+        let (_, _, state) = expire_chain(max_attempts, cap - 1, true);
+        assert_eq!(state, JobState::Queued { epoch: Epoch(cap) });
+        let (h, _, state) = expire_chain(max_attempts, cap, true);
+        assert_eq!(state, JobState::Failed { token: None });
         assert_eq!(derive_state(&h.view).accepted, None);
     }
+}
+
+/// Epochs expired before their claimant started (it died, or was judged dead, within its
+/// settle window) say nothing against the job: they do not count towards
+/// `MAX_TAKEOVERS`, only towards the far larger `MAX_EXPIRED_EPOCHS`.
+#[test]
+fn epochs_expired_before_a_start_fail_the_job_only_at_the_epoch_bound() {
+    let (_, _, state) = expire_chain(3, 3 + MAX_TAKEOVERS, false);
+    assert_eq!(
+        state,
+        JobState::Queued {
+            epoch: Epoch(4 + MAX_TAKEOVERS)
+        }
+    );
+    let (h, before, state) = expire_chain(3, MAX_EXPIRED_EPOCHS, false);
+    assert!(!before.is_terminal(), "{before:?}");
+    assert_eq!(state, JobState::Failed { token: None });
+    assert_eq!(derive_state(&h.view).accepted, None);
 }
 
 /// A worked example through the model: two counted failures and a success.
