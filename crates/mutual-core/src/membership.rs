@@ -12,7 +12,7 @@
 //! a kill of 40 %), and then the nodes watching a dead node may be dead too. Without the
 //! lookahead, the first live node before a run of k dead neighbours finds them one hop at
 //! a time, a whole timeout per hop, since a node starts being timed only when it becomes a
-//! watched one: at 20 agents with 20–40 % killed this made the MTTR tail. With it, the
+//! watched one (E3 at 20 agents, 40 % killed: MTTR p95 3.3 s, 2.0 s with it). With it, the
 //! next ones in line are judged in the same probe period, as soon as they become watched
 //! ([`Detector::tick`] is called again until it judges no one), on the silence measured
 //! while they were looked ahead at.
