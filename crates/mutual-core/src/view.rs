@@ -294,6 +294,18 @@ impl<K: Ord, V> RecordMap<K, V> {
     }
 }
 
+impl<V> RecordMap<(Epoch, NodeId), V> {
+    /// Entries of one epoch (any node), in node order.
+    pub fn of_epoch(
+        &self,
+        epoch: Epoch,
+    ) -> impl DoubleEndedIterator<Item = (&(Epoch, NodeId), &V)> {
+        let start = self.0.partition_point(|((e, _), _)| *e < epoch);
+        let end = self.0.partition_point(|((e, _), _)| *e <= epoch);
+        self.0[start..end].iter().map(|(k, v)| (k, v))
+    }
+}
+
 impl<K: Ord, V: Ord> RecordMap<K, V> {
     /// Set-union insert: a new key is added; the same value is a duplicate; a different
     /// value under the same key keeps the smaller of the two (order-independent).
@@ -514,10 +526,7 @@ impl JobView {
     /// The winning (smallest) claim of `epoch`, if any.
     pub fn winner(&self, epoch: Epoch) -> Option<FencingToken> {
         self.claims
-            .range_inclusive(
-                &(epoch, NodeId([0; 32])),
-                Some(&(epoch, NodeId([0xff; 32]))),
-            )
+            .of_epoch(epoch)
             .map(|(&(epoch, node), &hlc)| FencingToken { epoch, hlc, node })
             .min()
     }
@@ -553,23 +562,11 @@ impl JobView {
 
     /// True iff some node wrote a start record for `epoch`.
     pub fn is_started(&self, epoch: Epoch) -> bool {
-        self.starts
-            .range_inclusive(
-                &(epoch, NodeId([0; 32])),
-                Some(&(epoch, NodeId([0xff; 32]))),
-            )
-            .next()
-            .is_some()
+        self.starts.of_epoch(epoch).next().is_some()
     }
 
     /// True iff some epoch has been expired by anyone.
     pub fn is_expired(&self, epoch: Epoch) -> bool {
-        self.expiries
-            .range_inclusive(
-                &(epoch, NodeId([0; 32])),
-                Some(&(epoch, NodeId([0xff; 32]))),
-            )
-            .next()
-            .is_some()
+        self.expiries.of_epoch(epoch).next().is_some()
     }
 }
