@@ -94,6 +94,63 @@ pub fn sync_messages(metrics: &str) -> u64 {
         + mutual::client::metric(metrics, "mutual_sync_messages_received")
 }
 
+/// A Prometheus histogram's cumulative bucket counts in a `/metrics` text: (upper bound,
+/// count at or below it), in the text's order (ascending, `+Inf` last).
+pub fn histogram_buckets(metrics: &str, name: &str) -> Vec<(f64, u64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// The observations counted in `after` but not in `before` (cumulative buckets of one
+/// histogram, taken at two moments).
+pub fn bucket_diff(before: &[(f64, u64)], after: &[(f64, u64)]) -> Vec<(f64, u64)> {
+    after
+        .iter()
+        .map(|(le, n)| {
+            let then = before.iter().find(|(b, _)| b == le).map_or(0, |(_, n)| *n);
+            (*le, n.saturating_sub(then))
+        })
+        .collect()
+}
+
+/// The bucket bound at quantile `q` of a histogram's cumulative buckets; `None` if it
+/// counted nothing.
+pub fn histogram_quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    buckets.iter().find(|(_, n)| *n >= want).map(|(le, _)| *le)
+}
+
+/// Sums histograms' cumulative buckets bound by bound (nodes share the buckets).
+pub fn sum_buckets(all: impl IntoIterator<Item = Vec<(f64, u64)>>) -> Vec<(f64, u64)> {
+    let mut out: Vec<(f64, u64)> = Vec::new();
+    for h in all {
+        for (le, n) in h {
+            match out.iter_mut().find(|(b, _)| *b == le) {
+                Some(slot) => slot.1 += n,
+                None => out.push((le, n)),
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.total_cmp(&b.0));
+    out
+}
+
 /// Another process's current resident memory (VmRSS), in MiB, if it is still running.
 pub fn process_rss_mib(pid: u32) -> Option<f64> {
     proc_number(&format!("/proc/{pid}/status"), "VmRSS:").map(|k| k / 1024.0)

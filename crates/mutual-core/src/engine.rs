@@ -10,7 +10,10 @@
 //!
 //! - **Claiming.** A queued job that fits is claimed after a rendezvous delay
 //!   ([`crate::rank`]); the claimant then waits the settle window and starts only if it is
-//!   still the winner of its epoch and the epoch is still open.
+//!   still the winner of its epoch and the epoch is still open. The window is counted from
+//!   the claim's HLC, not from the local clock: a better claim is one stamped earlier, and
+//!   the window is sized in that frame (`crate::propagation`), so a node whose HLC runs
+//!   ahead of its clock (it heard from a faster clock) waits the difference too.
 //! - **Fencing.** A holder stops its execution as soon as its view shows a smaller claim in
 //!   its epoch, a claim of a later epoch, its epoch expired, or a terminal state; a holder that
 //!   knows it lost writes no result. Results and checkpoints carry `seen`.
@@ -47,8 +50,9 @@ pub const MAX_RECORDS_PER_EVENT: usize = 4_096;
 /// A node's engine settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineConfig {
-    /// Settle window W: wait this long after claiming before starting. Must be at least
-    /// the largest claim propagation delay, twice that with skewed clocks.
+    /// Settle window W: start once the local clock reads the claim's HLC plus this. Must
+    /// cover the delay from a competing claim's stamp to its arrival here (propagation
+    /// plus that claimant's clock offset; `crate::propagation` measures it).
     pub settle_ms: u64,
     /// Rendezvous step: rank r waits r × step before claiming.
     pub rank_step_ms: u64,
@@ -939,7 +943,11 @@ impl Engine {
                 hlc,
             },
         );
-        self.set_timer(now_ms + self.config.settle_ms, Timer::Settle { job, epoch });
+        let from_ms = hlc.as_millis().max(now_ms);
+        self.set_timer(
+            from_ms + self.config.settle_ms,
+            Timer::Settle { job, epoch },
+        );
         self.reevaluate(now_ms, job);
     }
 

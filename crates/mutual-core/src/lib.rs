@@ -16,6 +16,7 @@
 //!   the overlay neighbours' statuses, at O(log N) messages per node instead of O(N).
 //! - [`placement`]: which nodes hold a job's document — all of them, or beyond a thousand
 //!   nodes its `k` XOR-closest — and the hand-off when the live set changes.
+//! - [`propagation`]: how long other nodes' records take to arrive, for the settle window.
 //! - [`invariants`]: one checker per invariant of `docs/invariants.md`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -33,6 +34,7 @@ pub mod invariants;
 pub mod membership;
 pub mod overlay;
 pub mod placement;
+pub mod propagation;
 pub mod rank;
 pub mod spec;
 pub mod submit;

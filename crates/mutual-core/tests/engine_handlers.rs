@@ -370,3 +370,49 @@ fn a_freed_slot_resumes_a_taken_over_job_before_work_that_never_started() {
         .collect();
     assert_eq!(armed, vec![resumed], "{cmds:?}");
 }
+
+#[test]
+fn the_settle_window_counts_from_the_claims_stamp_when_the_clock_runs_behind() {
+    // A record stamped 200 ms ahead of this node's clock (a faster peer, within the drift
+    // bound) pulls its HLC ahead. A better claim is one stamped earlier, and the settle
+    // window is sized as stamp-to-arrival delays (`mutual_core::propagation`), so the
+    // window must run from this node's stamp, not from its own clock.
+    let mut e = Engine::new(NodeId::from_index(1), cfg(), T0);
+    let ahead = Record::Claim {
+        epoch: Epoch(1),
+        node: NodeId::from_index(4),
+        hlc: Hlc::from_millis(T0 + 200),
+    };
+    e.handle(
+        T0,
+        Event::Remote {
+            job: JobId([9; 16]),
+            records: vec![ahead],
+        },
+    )
+    .expect("handle");
+    let req = JobRequest {
+        command: vec!["true".into()],
+        ..Default::default()
+    };
+    let (job, cmds) = e.submit(T0, req).expect("submit");
+    let (at, claim) = timers(&cmds)[0];
+    let cmds = e.handle(at, Event::Timer(claim)).expect("claim");
+    let Some(Record::Claim { hlc, .. }) = writes(&cmds).first().copied() else {
+        panic!("the claim is written");
+    };
+    assert!(hlc.as_millis() >= T0 + 200, "the HLC ran ahead: {hlc:?}");
+    let (settle_at, settle) = timers(&cmds)[0];
+    assert_eq!(
+        settle,
+        Timer::Settle {
+            job,
+            epoch: Epoch(1)
+        }
+    );
+    assert_eq!(settle_at, hlc.as_millis() + cfg().settle_ms);
+    assert!(
+        settle_at >= at + 200 + cfg().settle_ms,
+        "not the local clock's window"
+    );
+}

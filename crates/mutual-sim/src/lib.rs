@@ -392,6 +392,11 @@ enum Ev {
         node: u32,
         inc: u32,
     },
+    /// A watched node's silence reaches the timeout between probe periods.
+    JudgeDue {
+        node: u32,
+        inc: u32,
+    },
     AeTick {
         node: u32,
         inc: u32,
@@ -1317,6 +1322,7 @@ impl Sim {
                 self.feed(node, event, Some(job));
             }
             Ev::ProbeTick { node, inc } => self.probe_tick(node, inc),
+            Ev::JudgeDue { node, inc } => self.judge_due_event(node, inc),
             Ev::AeTick { node, inc } => self.ae_tick(node, inc),
             Ev::Submit { n } => self.submit(n),
             Ev::Crash {
@@ -1476,21 +1482,11 @@ impl Sim {
         if !self.up(i) || self.nodes[i as usize].inc != inc {
             return;
         }
-        // As `mutual node` does: judge until no one is judged (each round marks at least
-        // one node dead), then probe.
-        let mut tick = self.nodes[i as usize].det.tick(self.now);
-        for _ in 0..self.nodes.len() {
-            if tick.judged.is_empty() {
-                break;
-            }
-            for t in std::mem::take(&mut tick.judged) {
-                self.judge(i, t as u32);
-            }
-            tick = self.nodes[i as usize].det.tick(self.now);
-        }
+        let (tick, _) = self.judge_due(i);
         for t in tick.probe {
             self.send(i, t as u32, Msg::Probe);
         }
+        self.arm_judgement(i, inc);
         // As `mutual node` does: repeat the judgements that still hold.
         let node = &mut self.nodes[i as usize];
         let det = &node.det;
@@ -1513,6 +1509,47 @@ impl Sim {
             self.now + self.cfg.probe_interval_ms,
             Ev::ProbeTick { node: i, inc },
         );
+    }
+
+    /// As `mutual node` does: judge until no one is judged (each round marks at least one
+    /// node dead). Returns the last round and whether anyone was judged.
+    fn judge_due(&mut self, i: u32) -> (mutual_core::membership::Tick, bool) {
+        let mut tick = self.nodes[i as usize].det.tick(self.now);
+        let mut any = false;
+        for _ in 0..self.nodes.len() {
+            if tick.judged.is_empty() {
+                break;
+            }
+            any = true;
+            for t in std::mem::take(&mut tick.judged) {
+                self.judge(i, t as u32);
+            }
+            tick = self.nodes[i as usize].det.tick(self.now);
+        }
+        (tick, any)
+    }
+
+    /// As `mutual node` does: when a watched node's deadline comes before the next probe
+    /// period, judge then.
+    fn arm_judgement(&mut self, i: u32, inc: u32) {
+        if let Some(at) = self.nodes[i as usize].det.next_judgement_ms()
+            && at < self.now + self.cfg.probe_interval_ms
+        {
+            self.schedule(at.max(self.now), Ev::JudgeDue { node: i, inc });
+        }
+    }
+
+    fn judge_due_event(&mut self, i: u32, inc: u32) {
+        if !self.up(i) || self.nodes[i as usize].inc != inc {
+            return;
+        }
+        let (tick, any) = self.judge_due(i);
+        if any {
+            for t in tick.probe {
+                self.send(i, t as u32, Msg::Probe);
+            }
+            self.arm_judgement(i, inc);
+        }
     }
 
     /// Node `i`'s detector judged node `t` dead: as `mutual node` does, its engine and

@@ -27,6 +27,7 @@ use mutual_core::engine::{
 use mutual_core::membership::{Detector, DownRepeats};
 use mutual_core::overlay;
 use mutual_core::placement::{self, Scheme};
+use mutual_core::propagation::PropagationMeter;
 use mutual_core::submit::{CONFIRM_REPLY, SubmitWaits};
 use mutual_core::view::Record;
 use mutual_core::{BlobRef, FencingToken, JobId, JobRequest, JobSpec, NodeId, Resources};
@@ -96,6 +97,10 @@ pub const FAILURE_TIMEOUT_RTOS: f64 = 4.0;
 pub const MAX_SETTLE_MS: u64 = 500;
 /// The rendezvous step never adapts above this (ms).
 pub const MAX_RANK_STEP_MS: u64 = 100;
+/// Buckets of the record-delay histograms (ms).
+const DELAY_BUCKETS_MS: [f64; 12] = [
+    1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
+];
 /// Most jobs listed by one `GET /v1/jobs`.
 pub const MAX_LIST: usize = 10_000;
 // A submission's confirmation wait ends well inside a client's patience.
@@ -691,10 +696,14 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         submit_waits: SubmitWaits::default(),
         submit_replies: HashMap::new(),
         submit_confirm_ms: Histogram::new([1.0, 5.0, 25.0, 100.0, 500.0, 1000.0, 2500.0, 5000.0]),
+        arrival_ms: Histogram::new(DELAY_BUCKETS_MS),
+        write_push_ms: Histogram::new(DELAY_BUCKETS_MS),
         submits_unconfirmed: 0,
         neighbours: Vec::new(),
         probed_at: HashMap::new(),
         rtt: None,
+        propagation: PropagationMeter::new(),
+        judge_at: None,
         timing_floor: engine_timing,
         joined: joined_tx,
         io: io.clone(),
@@ -782,6 +791,8 @@ enum Internal {
     Durable {
         pushes: Vec<(JobId, Vec<Vec<u8>>)>,
         ack: Option<Ack>,
+        /// When the batch was handed to the store.
+        written: std::time::Instant,
     },
     Exec(Finished),
     /// An execution's inputs and checkpoint are in place (or could not be put there).
@@ -889,6 +900,10 @@ struct Node {
     submit_replies: HashMap<JobId, oneshot::Sender<Result<JobStatus, ApiError>>>,
     /// How long confirmed submissions waited for their first confirmation.
     submit_confirm_ms: Histogram,
+    /// Stamp-to-arrival delays of other nodes' pushed control records (ms).
+    arrival_ms: Histogram,
+    /// From writing records to pushing them (the wait for the log's sync), in ms.
+    write_push_ms: Histogram,
     /// Submissions answered unconfirmed (HTTP 202).
     submits_unconfirmed: u64,
     /// Its overlay neighbours on that ring (see [`overlay::neighbours`]).
@@ -897,6 +912,10 @@ struct Node {
     probed_at: HashMap<NodeId, std::time::Instant>,
     /// Probe round trips: smoothed mean and mean deviation in µs (RFC 6298 style).
     rtt: Option<(f64, f64)>,
+    /// Stamp-to-arrival delays of other nodes' pushed control records (see [`Node::retune`]).
+    propagation: PropagationMeter,
+    /// When the detector's next judgement is due (local ms), if it watches anyone.
+    judge_at: Option<u64>,
     /// The configured floors of the settle window and the rendezvous step.
     timing_floor: (u64, u64),
     joined: tokio::sync::watch::Sender<Option<Result<(), String>>>,
@@ -926,6 +945,9 @@ impl Node {
                 Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
                 None => Duration::from_secs(3600),
             };
+            let judge_at = self.judge_at;
+            let judge_sleep =
+                Duration::from_millis(judge_at.map_or(0, |at| at.saturating_sub(now_ms())));
             tokio::select! {
                 biased;
                 // Liveness first: a probe answered late reads as a dead node.
@@ -934,6 +956,9 @@ impl Node {
                 Some(ev) = net.recv() => self.on_net(ev),
                 Some(req) = api.recv() => self.on_api(req),
                 _ = tokio::time::sleep(sleep), if next_timer.is_some() => self.fire_timers(),
+                _ = tokio::time::sleep(judge_sleep), if judge_at.is_some() => {
+                    self.judge_deadline(judge_at.unwrap_or_default());
+                }
                 _ = probe.tick() => self.probe_tick(),
                 _ = ae.tick() => {
                     self.save_members();
@@ -1012,8 +1037,13 @@ impl Node {
         }
         let tx = self.int_tx.clone();
         let pushes: Vec<_> = pushes.into_iter().collect();
+        let written = std::time::Instant::now();
         self.wal_bytes += self.store.append(frames, move || {
-            let _ = tx.send(Internal::Durable { pushes, ack });
+            let _ = tx.send(Internal::Durable {
+                pushes,
+                ack,
+                written,
+            });
         });
         if self.wal_bytes > store::WAL_COMPACT_BYTES {
             self.compact();
@@ -1037,7 +1067,15 @@ impl Node {
 
     fn on_internal(&mut self, ev: Internal) {
         match ev {
-            Internal::Durable { pushes, ack } => {
+            Internal::Durable {
+                pushes,
+                ack,
+                written,
+            } => {
+                if !pushes.is_empty() {
+                    self.write_push_ms
+                        .observe(written.elapsed().as_secs_f64() * 1e3);
+                }
                 // A submission under placement is answered once another holder confirms
                 // it (`mutual_core::submit`): it waits from before its push, which then
                 // asks the holders to confirm.
@@ -1804,26 +1842,10 @@ impl Node {
             self.det.forgive(gap - period, now);
         }
         self.det.set_timeout(self.failure_timeout_ms());
-        // Judge until no one is judged: the nodes watched next may have been silent as
-        // long, timed while looked ahead at (`membership::LOOKAHEAD`). Each round marks
-        // at least one node dead, so it ends within the ring's length.
-        let mut tick = self.det.tick(now);
-        for _ in 0..self.det.ring().len() {
-            if tick.judged.is_empty() {
-                break;
-            }
-            for j in std::mem::take(&mut tick.judged) {
-                self.judge(j, now);
-            }
-            tick = self.det.tick(now);
-        }
-        let sent = std::time::Instant::now();
-        for p in tick.probe {
-            if let Some(id) = self.det.ring().get(p).copied() {
-                self.probed_at.insert(id, sent);
-                self.send(&id, &Msg::Probe);
-            }
-        }
+        self.retune(now);
+        let probe = self.judge_due(now).probe;
+        self.send_probes(probe);
+        self.judge_at = self.det.next_judgement_ms();
         let members = &self.members;
         let again = self.downs.due(now, self.det.timeout_ms(), |id| {
             members.get(id).is_some_and(|m| !m.alive)
@@ -1839,6 +1861,51 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Judges every watched node silent past the timeout, until no one is judged: the
+    /// nodes watched next may have been silent as long, timed while looked ahead at
+    /// (`membership::LOOKAHEAD`). Each round marks at least one node dead, so it ends
+    /// within the ring's length. Returns the last round (the probes to send).
+    fn judge_due(&mut self, now: u64) -> mutual_core::membership::Tick {
+        let mut tick = self.det.tick(now);
+        for _ in 0..self.det.ring().len() {
+            if tick.judged.is_empty() {
+                break;
+            }
+            for j in std::mem::take(&mut tick.judged) {
+                self.judge(j, now);
+            }
+            tick = self.det.tick(now);
+        }
+        tick
+    }
+
+    fn send_probes(&mut self, positions: Vec<usize>) {
+        let sent = std::time::Instant::now();
+        for p in positions {
+            if let Some(id) = self.det.ring().get(p).copied() {
+                self.probed_at.insert(id, sent);
+                self.send(&id, &Msg::Probe);
+            }
+        }
+    }
+
+    /// A watched node's deadline (`Detector::next_judgement_ms`) came between probe
+    /// periods: judge it now rather than at the next period. If the deadline fired more
+    /// than half a period late, this node was starved and answers may sit unread; the
+    /// next probe period judges then, after forgiving the starvation.
+    fn judge_deadline(&mut self, due_ms: u64) {
+        let now = now_ms();
+        if now.saturating_sub(due_ms) <= self.cfg.timing.probe_interval_ms / 2 {
+            let judged_before = self.judged_total;
+            let tick = self.judge_due(now);
+            if self.judged_total != judged_before {
+                // New nodes are watched and looked ahead at: start timing them now.
+                self.send_probes(tick.probe);
+            }
+        }
+        self.judge_at = self.det.next_judgement_ms();
     }
 
     /// This node's detector judged the node at ring position `pos` dead: the engine and
@@ -1857,23 +1924,41 @@ impl Node {
         self.downs.judged(id, now, timeout);
     }
 
-    /// Folds in a probe round trip and adapts the engine's claim timing to it: a claim
-    /// crosses at most [`overlay::depth`] hops, each about half a round trip (taken
-    /// pessimistically: mean plus four deviations). The settle window covers twice that
-    /// (clock skew), the rendezvous step once, and neither goes below what was configured.
-    fn rtt_sample(&mut self, rtt: Duration) {
+    /// Folds in a probe round trip (smoothed mean and deviation) and retunes.
+    fn rtt_sample(&mut self, rtt: Duration, now: u64) {
         let x = rtt.as_secs_f64() * 1e6;
         let (mean, dev) = match self.rtt {
             None => (x, x / 2.0),
             Some((m, d)) => (m + (x - m) / 8.0, d + ((x - m).abs() - d) / 4.0),
         };
         self.rtt = Some((mean, dev));
-        let hop_ms = (mean + 4.0 * dev) / 2.0 / 1e3;
-        let depth = f64::from(overlay::depth(self.det.alive_count()));
-        let propagation_ms = (hop_ms * depth).ceil() as u64;
+        self.retune(now);
+    }
+
+    /// Adapts the engine's claim timing to how long other nodes' claims take to arrive.
+    /// The settle window and the rendezvous step are both the 99th percentile of the
+    /// stamp-to-arrival delays of the control records pushed here lately
+    /// (`mutual_core::propagation`: that frame includes clock offsets, so no margin for
+    /// skew is added). Without enough of them (an idle cluster), from probe round trips:
+    /// a claim crosses at most [`overlay::depth`] hops, each about half a round trip
+    /// (mean plus four deviations), and the settle window doubles that for skew. Neither
+    /// goes below what was configured nor above [`MAX_SETTLE_MS`] / [`MAX_RANK_STEP_MS`].
+    fn retune(&mut self, now: u64) {
+        let (settle_ms, step_ms) = match self.propagation.estimate_ms(now) {
+            Some(d) => (d, d),
+            None => {
+                let Some((mean, dev)) = self.rtt else {
+                    return;
+                };
+                let hop_ms = (mean + 4.0 * dev) / 2.0 / 1e3;
+                let depth = f64::from(overlay::depth(self.det.alive_count()));
+                let propagation_ms = (hop_ms * depth).ceil() as u64;
+                (2 * propagation_ms, propagation_ms)
+            }
+        };
         let (settle_floor, step_floor) = self.timing_floor;
-        let settle = (2 * propagation_ms).clamp(settle_floor, MAX_SETTLE_MS.max(settle_floor));
-        let step = propagation_ms.clamp(step_floor, MAX_RANK_STEP_MS.max(step_floor));
+        let settle = settle_ms.clamp(settle_floor, MAX_SETTLE_MS.max(settle_floor));
+        let step = step_ms.clamp(step_floor, MAX_RANK_STEP_MS.max(step_floor));
         self.ae_pacer.set_hold(settle);
         if self.engine.timing() != (settle, step) {
             self.engine.tune(settle, step);
@@ -2190,7 +2275,7 @@ impl Node {
             Msg::Probe => self.send(&from, &Msg::Ack),
             Msg::Ack => {
                 if let Some(sent) = self.probed_at.remove(&from) {
-                    self.rtt_sample(sent.elapsed());
+                    self.rtt_sample(sent.elapsed(), now);
                 }
                 if let Some(pos) = self.pos(&from) {
                     if !self.det.is_alive(pos) {
@@ -2261,9 +2346,11 @@ impl Node {
                 // `receive`'s frames, so their sync covers it). A peer's value above 3
                 // means no more than 2.
                 let confirm = reply == CONFIRM_REPLY;
+                // Only a writer's own push asks for replies; relays and hand-offs do not.
+                let pushed = reply != 0;
                 let reply = reply.min(2);
                 let relay = (reply == 2).then(|| changes.clone());
-                let changed = self.receive(job, changes, Kind::Change, now);
+                let changed = self.receive(job, changes, Kind::Change, pushed, now);
                 if confirm && self.engine.view(&job).is_some_and(|v| v.spec.is_some()) {
                     let tx = self.int_tx.clone();
                     self.store.append(Vec::new(), move || {
@@ -2298,7 +2385,7 @@ impl Node {
             Msg::Held { job } => self.confirmed(job, now),
             Msg::Docs { docs, caught_up } => {
                 for (job, bytes) in docs.into_iter().take(wire::MAX_DOCS_PER_MSG) {
-                    self.receive(job, vec![bytes], Kind::Doc, now);
+                    self.receive(job, vec![bytes], Kind::Doc, false, now);
                 }
                 if caught_up && self.engine.is_passive() {
                     tracing::info!(peer = %from, "caught up with a peer; going active");
@@ -2314,7 +2401,7 @@ impl Node {
             // it joined through); `ensure_member` keeps only newer versions.
             Bcast::Info(info) => self.ensure_member(*info, now),
             Bcast::Changes { job, changes } => {
-                self.receive(job, changes, Kind::Change, now);
+                self.receive(job, changes, Kind::Change, true, now);
             }
             Bcast::Down(x) => {
                 if x == self.id {
@@ -2341,7 +2428,16 @@ impl Node {
 
     /// Applies changes (or a saved document) from a peer, persists them, and hands the
     /// engine the records it did not have. Returns whether the document changed.
-    fn receive(&mut self, job: JobId, chunks: Vec<Vec<u8>>, kind: Kind, now: u64) -> bool {
+    /// `pushed`: the changes came from their writer's live push (not anti-entropy, a relay
+    /// or a hand-off), so their control records time the path claims take.
+    fn receive(
+        &mut self,
+        job: JobId,
+        chunks: Vec<Vec<u8>>,
+        kind: Kind,
+        pushed: bool,
+        now: u64,
+    ) -> bool {
         if !self.docs.contains(&job) && self.docs.len() >= MAX_JOBS {
             tracing::warn!(%job, "refusing a new job from a peer: this node holds {MAX_JOBS} jobs");
             return false;
@@ -2401,6 +2497,19 @@ impl Node {
             .into_iter()
             .filter(|r| !known.is_some_and(|k| k.contains(r)))
             .collect();
+        if pushed {
+            for r in &records {
+                if matches!(
+                    r,
+                    Record::Claim { .. } | Record::Start { .. } | Record::Expiry { .. }
+                ) && r.writer() != self.id
+                {
+                    self.propagation.observe(now, r.hlc());
+                    self.arrival_ms
+                        .observe(now.saturating_sub(r.hlc().as_millis()) as f64);
+                }
+            }
+        }
         if changed {
             self.ae_pacer.changed(job, now);
         }
@@ -2838,6 +2947,16 @@ impl Node {
             self.submits_unconfirmed,
         );
         reg.register(
+            "record_arrival_delay_milliseconds",
+            "From another node stamping a claim, start or expiry to its arrival here by push",
+            self.arrival_ms.clone(),
+        );
+        reg.register(
+            "write_to_push_milliseconds",
+            "From writing records to pushing them, once the log has synced them",
+            self.write_push_ms.clone(),
+        );
+        reg.register(
             "detection_silence_milliseconds",
             "Silence of a watched member when it was judged dead",
             self.detection_ms.clone(),
@@ -2859,12 +2978,12 @@ impl Node {
             ),
             (
                 "settle_window_milliseconds",
-                "Settle window in force (adapted to probe round trips)",
+                "Settle window in force (adapted to how long claims take to arrive)",
                 settle as i64,
             ),
             (
                 "rank_step_milliseconds",
-                "Rendezvous step in force (adapted to probe round trips)",
+                "Rendezvous step in force (adapted to how long claims take to arrive)",
                 step as i64,
             ),
             (

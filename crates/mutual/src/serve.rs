@@ -92,8 +92,9 @@ pub struct NodeArgs {
     #[arg(long, default_value = "1s", value_parser = parse_duration_ms)]
     ae_interval: u64,
     /// Smallest settle window (the wait after a claim before starting). The node
-    /// widens it to twice the claim propagation delay it measures (probe round trips
-    /// times the overlay's depth), so a better claim arrives before a duplicate starts.
+    /// widens it to the 99th percentile of how long other nodes' claims take to reach it
+    /// (measured on the records it receives, up to 500ms), so a better claim arrives
+    /// before a duplicate starts.
     #[arg(long, default_value = "2ms", value_parser = parse_duration_ms)]
     settle: u64,
     /// How often a running job's MUTUAL_CHECKPOINT_DIR is snapshotted (when it changed),

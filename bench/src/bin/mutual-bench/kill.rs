@@ -22,8 +22,8 @@ use mutual::client::{Client, metric};
 use mutual::types::JobStatus;
 use mutual_bench::plot::{Chart, Series, csv, line_chart};
 use mutual_bench::{
-    command_line, machine, mutual_bin, process_cpu_s, process_peak_rss_mib, results_dir,
-    sync_messages, today,
+    bucket_diff, command_line, histogram_buckets, histogram_quantile, machine, mutual_bin,
+    process_cpu_s, process_peak_rss_mib, results_dir, sum_buckets, sync_messages, today,
 };
 use serde_json::{Value, json};
 
@@ -115,6 +115,11 @@ pub struct E2Args {
     run: RunArgs,
 }
 
+/// The nodes' histogram of pushed control records' stamp-to-arrival delays.
+const ARRIVAL: &str = "mutual_record_arrival_delay_milliseconds";
+/// The nodes' histogram of the wait from writing records to pushing them.
+const WRITE_PUSH: &str = "mutual_write_to_push_milliseconds";
+
 /// Clients submitting at once.
 const SUBMIT_THREADS: usize = 16;
 
@@ -175,6 +180,20 @@ struct Run {
     duplicate_executions: usize,
     mttr_ms: Vec<f64>,
     recovery_ms: Vec<f64>,
+    /// MTTR's parts, per taken-over job: the kill to the first expiry of the dead
+    /// holder's epoch (detection), that expiry to the takeover's claim (the expiry's
+    /// spread plus the rendezvous delay), the claim to the start (the settle window).
+    detection_ms: Vec<f64>,
+    claim_after_detection_ms: Vec<f64>,
+    start_after_claim_ms: Vec<f64>,
+    /// Each survivor's settle window and rendezvous step at the end of the run (ms).
+    settle_window_ms: Vec<f64>,
+    rank_step_ms: Vec<f64>,
+    /// From the kill to the end, summed over the survivors (cumulative buckets): delays
+    /// from another node stamping a claim, start or expiry to its arrival by push, and
+    /// from a node writing records to pushing them (its log's sync).
+    arrival_after_kill: Vec<(f64, u64)>,
+    write_push_after_kill: Vec<(f64, u64)>,
     sched_wait_ms: Vec<f64>,
     msgs_per_node_s: Vec<f64>,
     /// Each surviving node's share of its process's CPU time over the run, in cores.
@@ -193,7 +212,7 @@ fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-const CSV_HEADER: [&str; 25] = [
+const CSV_HEADER: [&str; 32] = [
     "n",
     "slots",
     "kill_pct",
@@ -219,6 +238,13 @@ const CSV_HEADER: [&str; 25] = [
     "replicas",
     "members_judged_dead",
     "members_revived",
+    "detection_p95_ms",
+    "claim_after_detection_p95_ms",
+    "start_after_claim_p95_ms",
+    "settle_window_ms_mean",
+    "rank_step_ms_mean",
+    "record_arrival_after_kill_p99_ms",
+    "write_to_push_after_kill_p99_ms",
 ];
 
 fn csv_row(r: &Run) -> Vec<String> {
@@ -250,6 +276,13 @@ fn csv_row(r: &Run) -> Vec<String> {
         r.replicas.to_string(),
         r.members_judged_dead.to_string(),
         r.members_revived.to_string(),
+        p(&r.detection_ms, 0.95),
+        p(&r.claim_after_detection_ms, 0.95),
+        p(&r.start_after_claim_ms, 0.95),
+        f(mean(&r.settle_window_ms)),
+        f(mean(&r.rank_step_ms)),
+        f(histogram_quantile(&r.arrival_after_kill, 0.99)),
+        f(histogram_quantile(&r.write_push_after_kill, 0.99)),
     ]
 }
 
@@ -265,6 +298,15 @@ fn summarize(rs: &[&Run]) -> Value {
     );
     let (msgs, rss) = (pool(|r| &r.msgs_per_node_s), pool(|r| &r.peak_rss_mib));
     let cpu = pool(|r| &r.cpu_cores_per_node);
+    let (detection, claim, start) = (
+        pool(|r| &r.detection_ms),
+        pool(|r| &r.claim_after_detection_ms),
+        pool(|r| &r.start_after_claim_ms),
+    );
+    let (settle, step) = (pool(|r| &r.settle_window_ms), pool(|r| &r.rank_step_ms));
+    let arrival = sum_buckets(rs.iter().map(|r| r.arrival_after_kill.clone()));
+    let write_push = sum_buckets(rs.iter().map(|r| r.write_push_after_kill.clone()));
+    let hq = |h: &[(f64, u64)], q| histogram_quantile(h, q);
     let jobs: usize = rs.iter().map(|r| r.jobs).sum();
     let ok: f64 = rs.iter().map(|r| r.success_rate * r.jobs as f64).sum();
     json!({
@@ -284,6 +326,18 @@ fn summarize(rs: &[&Run]) -> Value {
         "mttr_max_ms": pct(&mttr, 1.0),
         "recovery_after_detection_p50_ms": pct(&recovery, 0.5),
         "recovery_after_detection_p95_ms": pct(&recovery, 0.95),
+        "detection_p50_ms": pct(&detection, 0.5),
+        "detection_p95_ms": pct(&detection, 0.95),
+        "claim_after_detection_p50_ms": pct(&claim, 0.5),
+        "claim_after_detection_p95_ms": pct(&claim, 0.95),
+        "start_after_claim_p50_ms": pct(&start, 0.5),
+        "start_after_claim_p95_ms": pct(&start, 0.95),
+        "settle_window_ms_mean": mean(&settle),
+        "record_arrival_after_kill_p50_ms": hq(&arrival, 0.5),
+        "record_arrival_after_kill_p99_ms": hq(&arrival, 0.99),
+        "write_to_push_after_kill_p50_ms": hq(&write_push, 0.5),
+        "write_to_push_after_kill_p99_ms": hq(&write_push, 0.99),
+        "rank_step_ms_mean": mean(&step),
         "scheduling_wait_p50_ms": pct(&wait, 0.5),
         "scheduling_wait_p99_ms": pct(&wait, 0.99),
         "per_node_msgs_per_s_mean": mean(&msgs),
@@ -547,6 +601,19 @@ fn run(
     shuffle(&mut order, (u64::from(kill_pct) << 32) ^ rep as u64);
     let victims: Vec<usize> = order.into_iter().take(killed).collect();
     let victim_ids: Vec<String> = victims.iter().filter_map(|i| nodes[*i].id()).collect();
+    // The survivors' record-delay histograms before the kill, to count only what follows.
+    let delay_buckets = |nodes: &[mutual::harness::LocalNode], name: &str| {
+        sum_buckets(
+            nodes
+                .iter()
+                .enumerate()
+                .filter(|(i, n)| !victims.contains(i) && n.is_running())
+                .filter_map(|(_, n)| n.client().metrics().ok())
+                .map(|m| histogram_buckets(&m, name)),
+        )
+    };
+    let arrival_before = delay_buckets(&nodes, ARRIVAL);
+    let write_push_before = delay_buckets(&nodes, WRITE_PUSH);
     let t_kill = now_ms();
     // All at once: a hosted node's crash is an HTTP call.
     std::thread::scope(|s| {
@@ -601,23 +668,34 @@ fn run(
         .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
         .count();
     let (mut mttr_ms, mut recovery_ms) = (Vec::new(), Vec::new());
+    let (mut detection_ms, mut claim_after_detection_ms, mut start_after_claim_ms) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let since = |later: u64, earlier: u64| later.saturating_sub(earlier) as f64;
     for (id, holder) in &running {
         if !victim_ids.contains(holder) {
             continue;
         }
         let Some(s) = done.get(id) else { continue };
-        let lost = s.attempts.iter().find(|a| &a.node == holder);
-        if let Some(start) = s
+        let judged = s
+            .attempts
+            .iter()
+            .find(|a| &a.node == holder)
+            .and_then(|a| a.expired_at_ms);
+        let Some((claimed, start)) = s
             .attempts
             .iter()
             .filter(|a| &a.node != holder)
-            .filter_map(|a| a.started_at_ms)
-            .find(|t| *t >= t_kill)
-        {
-            mttr_ms.push(start.saturating_sub(t_kill) as f64);
-            if let Some(judged) = lost.and_then(|a| a.expired_at_ms) {
-                recovery_ms.push(start.saturating_sub(judged) as f64);
-            }
+            .filter_map(|a| Some((a.claimed_at_ms, a.started_at_ms?)))
+            .find(|(_, t)| *t >= t_kill)
+        else {
+            continue;
+        };
+        mttr_ms.push(since(start, t_kill));
+        start_after_claim_ms.push(since(start, claimed));
+        if let Some(judged) = judged {
+            recovery_ms.push(since(start, judged));
+            detection_ms.push(since(judged, t_kill));
+            claim_after_detection_ms.push(since(claimed, judged));
         }
     }
     let sched_wait_ms: Vec<f64> = ids
@@ -631,6 +709,7 @@ fn run(
     let secs = began.elapsed().as_secs_f64().max(1e-3);
     let mut cpu_cores_per_node = Vec::new();
     let (mut members_judged_dead, mut members_revived) = (0, 0);
+    let (mut settle_window_ms, mut rank_step_ms) = (Vec::new(), Vec::new());
     for ((n, at_start), cpu_then) in nodes.iter().zip(&msgs_at_start).zip(&cpu_at_start) {
         if !n.is_running() {
             continue;
@@ -642,6 +721,8 @@ fn run(
         if let Some(m) = &metrics {
             members_judged_dead += metric(m, "mutual_members_judged_dead");
             members_revived += metric(m, "mutual_members_revived");
+            settle_window_ms.push(metric(m, "mutual_settle_window_milliseconds") as f64);
+            rank_step_ms.push(metric(m, "mutual_rank_step_milliseconds") as f64);
         }
         if let (Some(now), Some(then)) = (node_cpu_s(n), cpu_then) {
             cpu_cores_per_node.push((now - then).max(0.0) / secs);
@@ -654,6 +735,8 @@ fn run(
             peak_rss_mib.push(rss);
         }
     }
+    let arrival_after_kill = bucket_diff(&arrival_before, &delay_buckets(&nodes, ARRIVAL));
+    let write_push_after_kill = bucket_diff(&write_push_before, &delay_buckets(&nodes, WRITE_PUSH));
     let disagree = duplicate_results(
         nodes.iter().filter(|n| n.is_running()),
         &ids,
@@ -676,6 +759,13 @@ fn run(
         duplicate_executions,
         mttr_ms,
         recovery_ms,
+        detection_ms,
+        claim_after_detection_ms,
+        start_after_claim_ms,
+        settle_window_ms,
+        rank_step_ms,
+        arrival_after_kill,
+        write_push_after_kill,
         sched_wait_ms,
         msgs_per_node_s,
         cpu_cores_per_node,
