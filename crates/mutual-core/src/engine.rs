@@ -33,7 +33,7 @@ use crate::blob::BlobRef;
 use crate::derive::{JobState, derive_state, restorable_checkpoint};
 use crate::hlc::{Hlc, HlcClock};
 use crate::ids::{JobId, NodeId};
-use crate::rank::{claim_delay_ms, estimated_rank, score};
+use crate::rank::{EXACT_RANK_MAX_NODES, estimated_rank, exact_rank, score};
 use crate::spec::{JobRequest, JobSpec, Resources, SpecError};
 use crate::token::{Epoch, FencingToken};
 use crate::view::{
@@ -147,8 +147,13 @@ pub enum Event {
     MemberDown(NodeId),
     /// `node` is alive (again).
     MemberUp(NodeId),
-    /// The number of live nodes changed (for the rendezvous delay).
+    /// The number of nodes that may claim changed: the rendezvous delay is then from an
+    /// estimated rank (`crate::rank`). Forgets the list [`Event::Claimants`] gave.
     ClusterSize(usize),
+    /// Every node that may claim a job, sorted, this node included (under full
+    /// replication, the live nodes): up to [`crate::rank::EXACT_RANK_MAX_NODES`] of them,
+    /// the engine ranks itself exactly among them.
+    Claimants(Arc<[NodeId]>),
     /// After a restart: the replica has caught up with a peer.
     CaughtUp,
 }
@@ -308,6 +313,9 @@ struct Entry {
     holder: Option<NodeId>,
     /// Local time at which this replica first saw the current holder.
     holder_since_ms: u64,
+    /// This node's rank for an epoch, computed under claimant list `.1` (see
+    /// [`Engine::rank`]).
+    rank: Option<(Epoch, u64, u64)>,
 }
 
 /// Queue order: priority, then attempts already begun (a job taken over from a dead
@@ -329,6 +337,10 @@ pub struct Engine {
     free: Resources,
     free_slots: u32,
     cluster_size: usize,
+    /// The claimants, when the driver gave them ([`Event::Claimants`]).
+    claimants: Option<Arc<[NodeId]>>,
+    /// Bumped whenever the claimants change, to invalidate cached ranks.
+    claimants_gen: u64,
     passive: bool,
     nonce: u64,
     out: Vec<Command>,
@@ -352,6 +364,8 @@ impl Engine {
             suspected: BTreeSet::new(),
             down_since: BTreeMap::new(),
             cluster_size: 1,
+            claimants: None,
+            claimants_gen: 0,
             passive: false,
             nonce: 0,
             out: Vec::new(),
@@ -543,7 +557,16 @@ impl Engine {
                 self.suspected.remove(&node);
                 self.down_since.remove(&node);
             }
-            Event::ClusterSize(n) => self.cluster_size = n.max(1),
+            Event::ClusterSize(n) => {
+                self.cluster_size = n.max(1);
+                self.claimants = None;
+                self.claimants_gen += 1;
+            }
+            Event::Claimants(nodes) => {
+                self.cluster_size = nodes.len().max(1);
+                self.claimants = Some(nodes);
+                self.claimants_gen += 1;
+            }
             Event::CaughtUp => {
                 if self.passive {
                     self.passive = false;
@@ -724,8 +747,7 @@ impl Engine {
         }
         match state {
             JobState::Queued { epoch } => {
-                let near = estimated_rank(score(job, epoch, self.me), self.cluster_size)
-                    < self.config.claim_rank_cutoff;
+                let near = self.rank(job, epoch) < self.config.claim_rank_cutoff;
                 if near && armed != Some(epoch) && pending.is_none() && idle && self.fits(&spec) {
                     self.arm_claim(now_ms, job, epoch);
                 }
@@ -745,17 +767,37 @@ impl Engine {
         }
     }
 
+    /// This node's rendezvous rank for `epoch` of `job`: exact among the claimants the
+    /// driver gave, if any and not too many, else estimated from the cluster size. Exact
+    /// ranks are cached per job until the epoch or the claimants change.
+    fn rank(&mut self, job: JobId, epoch: Epoch) -> u64 {
+        let Some(nodes) = self
+            .claimants
+            .as_ref()
+            .filter(|n| n.len() <= EXACT_RANK_MAX_NODES)
+        else {
+            return estimated_rank(score(job, epoch, self.me), self.cluster_size);
+        };
+        let gen_now = self.claimants_gen;
+        let cached = self.jobs.get(&job).and_then(|e| e.rank);
+        if let Some((e, g, r)) = cached
+            && e == epoch
+            && g == gen_now
+        {
+            return r;
+        }
+        let r = exact_rank(job, epoch, self.me, nodes);
+        if let Some(entry) = self.jobs.get_mut(&job) {
+            entry.rank = Some((epoch, gen_now, r));
+        }
+        r
+    }
+
     fn arm_claim(&mut self, now_ms: u64, job: JobId, epoch: Epoch) {
         if let Some(e) = self.jobs.get_mut(&job) {
             e.armed = Some(epoch);
         }
-        let delay = claim_delay_ms(
-            job,
-            epoch,
-            self.me,
-            self.cluster_size,
-            self.config.rank_step_ms,
-        );
+        let delay = self.rank(job, epoch) * self.config.rank_step_ms;
         self.set_timer(now_ms + delay, Timer::Claim { job, epoch });
     }
 
@@ -896,9 +938,7 @@ impl Engine {
                     .claim_rank_cutoff
                     .max(1)
                     .saturating_mul(1 << periods.min(16));
-                let rank =
-                    estimated_rank(score(job, token.epoch.next(), self.me), self.cluster_size);
-                if rank < admitted {
+                if self.rank(job, token.epoch.next()) < admitted {
                     self.expire(now_ms, job, token, ExpiryReason::HolderDead);
                 }
             }

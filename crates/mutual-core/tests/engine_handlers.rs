@@ -416,3 +416,49 @@ fn the_settle_window_counts_from_the_claims_stamp_when_the_clock_runs_behind() {
         "not the local clock's window"
     );
 }
+
+#[test]
+fn with_the_claimants_listed_exactly_one_node_claims_at_once() {
+    // Full replication: the driver lists the live nodes. Every node ranks itself exactly
+    // among them, so one node is rank 0 and claims without delay, the next ranks wait a
+    // step each, and only the first `claim_rank_cutoff` arm a claim at all.
+    let nodes: Vec<NodeId> = (0..20).map(NodeId::from_index).collect();
+    let mut sorted = nodes.clone();
+    sorted.sort();
+    let list: std::sync::Arc<[NodeId]> = std::sync::Arc::from(sorted);
+    let mut submitter = Engine::new(nodes[0], cfg(), T0);
+    submitter
+        .handle(T0, Event::Claimants(list.clone()))
+        .expect("claimants");
+    let req = JobRequest {
+        command: vec!["true".into()],
+        ..Default::default()
+    };
+    let (job, cmds) = submitter.submit(T0, req).expect("submit");
+    let spec = writes(&cmds)[0].clone();
+    let mut delays: Vec<u64> = timers(&cmds).iter().map(|(at, _)| at - T0).collect();
+    for n in &nodes[1..] {
+        let mut e = Engine::new(*n, cfg(), T0);
+        e.handle(T0, Event::Claimants(list.clone()))
+            .expect("claimants");
+        let cmds = e
+            .handle(
+                T0,
+                Event::Remote {
+                    job,
+                    records: vec![spec.clone()],
+                },
+            )
+            .expect("remote");
+        delays.extend(
+            timers(&cmds)
+                .iter()
+                .filter(|(_, t)| matches!(t, Timer::Claim { .. }))
+                .map(|(at, _)| at - T0),
+        );
+    }
+    delays.sort_unstable();
+    let step = cfg().rank_step_ms;
+    let cutoff = cfg().claim_rank_cutoff;
+    assert_eq!(delays, (0..cutoff).map(|r| r * step).collect::<Vec<u64>>());
+}

@@ -36,6 +36,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use mutual_core::anti_entropy::{FarQueue, Pacer, far_partners};
 use mutual_core::derive::derive_state;
@@ -880,11 +881,9 @@ impl Sim {
             None => (Engine::new(id, cfg, local), Vec::new()),
             Some(v) => Engine::restart(id, cfg, v, local),
         };
-        let alive = self.claimants(i);
+        let claimants = self.claimants(i);
         // The first handle() also returns what Engine::new queued (its sweep timer).
-        let more = engine
-            .handle(local, Event::ClusterSize(alive))
-            .unwrap_or_default();
+        let more = engine.handle(local, claimants).unwrap_or_default();
         let node = &mut self.nodes[i as usize];
         node.engine = Some(engine);
         node.passive_rounds = 0;
@@ -1627,25 +1626,31 @@ impl Sim {
             }
             return;
         }
-        let count = self.claimants(i);
+        let claimants = self.claimants(i);
         let ev = if alive {
             Event::MemberUp(id)
         } else {
             Event::MemberDown(id)
         };
         self.feed(i, ev, None);
-        self.feed(i, Event::ClusterSize(count), None);
+        self.feed(i, claimants, None);
         if let Some(before) = before {
             self.hand_off(i, &before);
         }
     }
 
     /// Nodes that may claim a job, for the rendezvous delay (as `mutual node` counts).
-    fn claimants(&self, i: u32) -> usize {
+    /// As `mutual node` does: who may claim, for the engine's rendezvous rank. Under full
+    /// replication every live node, listed when few enough to rank exactly; under
+    /// placement a job's replicas and its submitter, counted.
+    fn claimants(&self, i: u32) -> Event {
         let alive = self.nodes[i as usize].det.alive_count();
         match self.cfg.replicas {
-            0 => alive,
-            k => alive.min(k + 1),
+            0 if alive <= mutual_core::rank::EXACT_RANK_MAX_NODES => {
+                Event::Claimants(Arc::from(self.alive_ring(i)))
+            }
+            0 => Event::ClusterSize(alive),
+            k => Event::ClusterSize(alive.min(k + 1)),
         }
     }
 

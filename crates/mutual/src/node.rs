@@ -681,6 +681,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<Started> {
         ticks: 0,
         last_tick_ms: now,
         late_ticks: 0,
+        late_deadlines: 0,
         downs: DownRepeats::default(),
         detection_ms: Histogram::new([100.0, 250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 5000.0]),
         judged_total: 0,
@@ -870,6 +871,8 @@ struct Node {
     ticks: u64,
     last_tick_ms: u64,
     late_ticks: u64,
+    /// Judgement deadlines this node came to over half a probe period late.
+    late_deadlines: u64,
     /// Deaths this node judged, to broadcast again while it still believes them
     /// (`membership::DOWN_REPEATS`).
     downs: DownRepeats<NodeId>,
@@ -1512,9 +1515,9 @@ impl Node {
             }
         }
         self.det = det;
-        let n = self.claimants();
-        self.feed(now, Event::ClusterSize(n));
         self.refresh_overlay();
+        let claimants = self.claimants();
+        self.feed(now, claimants);
     }
 
     /// Recomputes the live ring and the overlay neighbours after membership or a belief
@@ -1569,8 +1572,8 @@ impl Node {
         };
         self.refresh_overlay();
         self.feed(now, ev);
-        let n = self.claimants();
-        self.feed(now, Event::ClusterSize(n));
+        let claimants = self.claimants();
+        self.feed(now, claimants);
     }
 
     fn send(&self, to: &NodeId, msg: &Msg) {
@@ -1600,13 +1603,17 @@ impl Node {
         }
     }
 
-    /// How many nodes may claim a job, for the engine's rendezvous delay: every live
-    /// node, or under placement the job's replicas and the node it was submitted to.
-    fn claimants(&self) -> usize {
+    /// Who may claim a job, for the engine's rendezvous rank: under full replication
+    /// every live node (the live ring, listed when few enough to rank exactly), under
+    /// placement the job's replicas and the node it was submitted to (counted).
+    fn claimants(&self) -> Event {
         let alive = self.det.alive_count();
         match self.scheme {
-            Scheme::Full => alive,
-            Scheme::Placed { k } => alive.min(k + 1),
+            Scheme::Full if self.alive_ring.len() <= mutual_core::rank::EXACT_RANK_MAX_NODES => {
+                Event::Claimants(Arc::from(self.alive_ring.as_slice()))
+            }
+            Scheme::Full => Event::ClusterSize(alive),
+            Scheme::Placed { k } => Event::ClusterSize(alive.min(k + 1)),
         }
     }
 
@@ -1904,6 +1911,8 @@ impl Node {
                 // New nodes are watched and looked ahead at: start timing them now.
                 self.send_probes(tick.probe);
             }
+        } else {
+            self.late_deadlines += 1;
         }
         self.judge_at = self.det.next_judgement_ms();
     }
@@ -2922,6 +2931,12 @@ impl Node {
             "late_probe_ticks",
             "Probe periods this node itself came late to (their excess not counted as silence)",
             self.late_ticks,
+        );
+        counter(
+            &mut reg,
+            "late_judgement_deadlines",
+            "Judgement deadlines this node came to over half a probe period late (left to the next period)",
+            self.late_deadlines,
         );
         counter(
             &mut reg,

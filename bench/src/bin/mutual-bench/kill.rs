@@ -28,8 +28,8 @@ use mutual_bench::{
 use serde_json::{Value, json};
 
 use super::{
-    by_id, duplicate_executions, duplicate_results, is_terminal, marker_job, now_ms, pct, shuffle,
-    write,
+    by_id, duplicate_executions, duplicate_first_attempts, duplicate_results, is_terminal,
+    marker_job, now_ms, pct, shuffle, write,
 };
 
 /// What E2 and E3 share.
@@ -54,6 +54,12 @@ pub struct RunArgs {
     /// victims to hold running jobs when they are killed.
     #[arg(long)]
     job_seconds: Option<f64>,
+    /// Seconds after the last submission to kill [default: half the job length: mid-run,
+    /// as `shared/experiments.md` says]. 0 kills as soon as every job is submitted and N
+    /// run, while the submissions are still being replicated (every run before
+    /// 2026-11-28 did that): MTTR then includes a busy cluster's delays.
+    #[arg(long)]
+    kill_after: Option<f64>,
     /// Nodes per OS process. 1 (the default) runs every agent as its own `mutual node`,
     /// killed with SIGKILL; more runs them in `mutual host` processes, each node on its own
     /// thread and runtime, killed with `POST /v1/debug/crash` (as abrupt: no goodbye, no
@@ -89,6 +95,14 @@ impl RunArgs {
         self.job_seconds
             .unwrap_or(if self.quick { 3.0 } else { 30.0 })
     }
+
+    fn kill_after(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.kill_after
+                .unwrap_or(self.job_seconds() / 2.0)
+                .clamp(0.0, 86_400.0),
+        )
+    }
 }
 
 #[derive(clap::Args)]
@@ -119,6 +133,8 @@ pub struct E2Args {
 const ARRIVAL: &str = "mutual_record_arrival_delay_milliseconds";
 /// The nodes' histogram of the wait from writing records to pushing them.
 const WRITE_PUSH: &str = "mutual_write_to_push_milliseconds";
+/// The nodes' histogram of the failure timeout in force at each death judgement.
+const SILENCE: &str = "mutual_detection_silence_milliseconds";
 
 /// Clients submitting at once.
 const SUBMIT_THREADS: usize = 16;
@@ -172,12 +188,16 @@ struct Run {
     slots: u32,
     node_args: Vec<String>,
     kill_pct: u32,
+    /// Seconds from the last submission to the kill, at least.
+    kill_after_s: f64,
     rep: usize,
     jobs: usize,
     killed: usize,
     success_rate: f64,
     duplicate_results: usize,
     duplicate_executions: usize,
+    /// Of those, executions of a first attempt beyond one (initial scheduling).
+    duplicate_first_attempts: usize,
     mttr_ms: Vec<f64>,
     recovery_ms: Vec<f64>,
     /// MTTR's parts, per taken-over job: the kill to the first expiry of the dead
@@ -194,6 +214,9 @@ struct Run {
     /// from a node writing records to pushing them (its log's sync).
     arrival_after_kill: Vec<(f64, u64)>,
     write_push_after_kill: Vec<(f64, u64)>,
+    /// The failure timeout in force at each judgement after the kill (it adapts to probe
+    /// round trips), summed over the survivors.
+    silence_after_kill: Vec<(f64, u64)>,
     sched_wait_ms: Vec<f64>,
     msgs_per_node_s: Vec<f64>,
     /// Each surviving node's share of its process's CPU time over the run, in cores.
@@ -206,13 +229,17 @@ struct Run {
     /// Members the survivors believed dead and then heard from, summed: each a death
     /// judgement (made or told) taken back.
     members_revived: u64,
+    /// Probe periods and judgement deadlines the survivors came to late (starved),
+    /// summed.
+    late_probe_ticks: u64,
+    late_judgement_deadlines: u64,
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
     (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
-const CSV_HEADER: [&str; 32] = [
+const CSV_HEADER: [&str; 34] = [
     "n",
     "slots",
     "kill_pct",
@@ -245,6 +272,8 @@ const CSV_HEADER: [&str; 32] = [
     "rank_step_ms_mean",
     "record_arrival_after_kill_p99_ms",
     "write_to_push_after_kill_p99_ms",
+    "kill_after_s",
+    "duplicate_executions_first_attempt",
 ];
 
 fn csv_row(r: &Run) -> Vec<String> {
@@ -283,6 +312,8 @@ fn csv_row(r: &Run) -> Vec<String> {
         f(mean(&r.rank_step_ms)),
         f(histogram_quantile(&r.arrival_after_kill, 0.99)),
         f(histogram_quantile(&r.write_push_after_kill, 0.99)),
+        format!("{:.1}", r.kill_after_s),
+        r.duplicate_first_attempts.to_string(),
     ]
 }
 
@@ -306,6 +337,7 @@ fn summarize(rs: &[&Run]) -> Value {
     let (settle, step) = (pool(|r| &r.settle_window_ms), pool(|r| &r.rank_step_ms));
     let arrival = sum_buckets(rs.iter().map(|r| r.arrival_after_kill.clone()));
     let write_push = sum_buckets(rs.iter().map(|r| r.write_push_after_kill.clone()));
+    let silence = sum_buckets(rs.iter().map(|r| r.silence_after_kill.clone()));
     let hq = |h: &[(f64, u64)], q| histogram_quantile(h, q);
     let jobs: usize = rs.iter().map(|r| r.jobs).sum();
     let ok: f64 = rs.iter().map(|r| r.success_rate * r.jobs as f64).sum();
@@ -315,11 +347,13 @@ fn summarize(rs: &[&Run]) -> Value {
         "nodes_per_process": rs.first().map(|r| r.per_process),
         "replicas": rs.first().map(|r| r.replicas),
         "kill_pct": rs.first().map(|r| r.kill_pct),
+        "kill_after_s": rs.first().map(|r| r.kill_after_s),
         "jobs": jobs / rs.len().max(1),
         "repetitions": rs.len(),
         "success_rate": ok / jobs.max(1) as f64,
         "duplicate_results": rs.iter().map(|r| r.duplicate_results).sum::<usize>(),
         "duplicate_executions": rs.iter().map(|r| r.duplicate_executions).sum::<usize>(),
+        "duplicate_executions_first_attempt": rs.iter().map(|r| r.duplicate_first_attempts).sum::<usize>(),
         "jobs_taken_over": mttr.len(),
         "mttr_p50_ms": pct(&mttr, 0.5),
         "mttr_p95_ms": pct(&mttr, 0.95),
@@ -337,6 +371,7 @@ fn summarize(rs: &[&Run]) -> Value {
         "record_arrival_after_kill_p99_ms": hq(&arrival, 0.99),
         "write_to_push_after_kill_p50_ms": hq(&write_push, 0.5),
         "write_to_push_after_kill_p99_ms": hq(&write_push, 0.99),
+        "failure_timeout_after_kill_max_ms": hq(&silence, 1.0),
         "rank_step_ms_mean": mean(&step),
         "scheduling_wait_p50_ms": pct(&wait, 0.5),
         "scheduling_wait_p99_ms": pct(&wait, 0.99),
@@ -348,6 +383,8 @@ fn summarize(rs: &[&Run]) -> Value {
         "drain_s_mean": mean(&rs.iter().map(|r| r.drain_s).collect::<Vec<_>>()),
         "members_judged_dead": rs.iter().map(|r| r.members_judged_dead).sum::<u64>(),
         "members_revived": rs.iter().map(|r| r.members_revived).sum::<u64>(),
+        "late_probe_ticks": rs.iter().map(|r| r.late_probe_ticks).sum::<u64>(),
+        "late_judgement_deadlines": rs.iter().map(|r| r.late_judgement_deadlines).sum::<u64>(),
         "node_args": rs.first().map(|r| r.node_args.clone()),
     })
 }
@@ -572,8 +609,9 @@ fn run(
     let ids: Vec<String> = submitted.iter().map(|(_, id, _)| id.clone()).collect();
     let submitted_ms: BTreeMap<String, u64> =
         submitted.into_iter().map(|(_, id, at)| (id, at)).collect();
-    // Kill once every job is submitted and at least one job per agent runs: the victims
-    // hold running jobs.
+    // Kill mid-run (`--kill-after` past the last submission), once at least one job per
+    // agent runs: the victims hold running jobs.
+    let kill_not_before = Instant::now() + a.kill_after();
     let observer = if a.replicas > 0 {
         Observer::All(nodes.iter().map(|n| n.client()).collect())
     } else {
@@ -587,7 +625,7 @@ fn run(
             .filter(|s| s.state == "running")
             .filter_map(|s| Some((s.id.clone(), s.node?)))
             .collect();
-        if running.len() >= agents.min(jobs) {
+        if running.len() >= agents.min(jobs) && Instant::now() >= kill_not_before {
             break running;
         }
         if Instant::now() > deadline {
@@ -614,6 +652,7 @@ fn run(
     };
     let arrival_before = delay_buckets(&nodes, ARRIVAL);
     let write_push_before = delay_buckets(&nodes, WRITE_PUSH);
+    let silence_before = delay_buckets(&nodes, SILENCE);
     let t_kill = now_ms();
     // All at once: a hosted node's crash is an HTTP call.
     std::thread::scope(|s| {
@@ -709,6 +748,7 @@ fn run(
     let secs = began.elapsed().as_secs_f64().max(1e-3);
     let mut cpu_cores_per_node = Vec::new();
     let (mut members_judged_dead, mut members_revived) = (0, 0);
+    let (mut late_probe_ticks, mut late_judgement_deadlines) = (0, 0);
     let (mut settle_window_ms, mut rank_step_ms) = (Vec::new(), Vec::new());
     for ((n, at_start), cpu_then) in nodes.iter().zip(&msgs_at_start).zip(&cpu_at_start) {
         if !n.is_running() {
@@ -721,6 +761,8 @@ fn run(
         if let Some(m) = &metrics {
             members_judged_dead += metric(m, "mutual_members_judged_dead");
             members_revived += metric(m, "mutual_members_revived");
+            late_probe_ticks += metric(m, "mutual_late_probe_ticks");
+            late_judgement_deadlines += metric(m, "mutual_late_judgement_deadlines");
             settle_window_ms.push(metric(m, "mutual_settle_window_milliseconds") as f64);
             rank_step_ms.push(metric(m, "mutual_rank_step_milliseconds") as f64);
         }
@@ -737,12 +779,14 @@ fn run(
     }
     let arrival_after_kill = bucket_diff(&arrival_before, &delay_buckets(&nodes, ARRIVAL));
     let write_push_after_kill = bucket_diff(&write_push_before, &delay_buckets(&nodes, WRITE_PUSH));
+    let silence_after_kill = bucket_diff(&silence_before, &delay_buckets(&nodes, SILENCE));
     let disagree = duplicate_results(
         nodes.iter().filter(|n| n.is_running()),
         &ids,
         a.replicas > 0,
     )?;
     let duplicate_executions = duplicate_executions(&markers, &ids, &done);
+    let duplicate_first_attempts = duplicate_first_attempts(&markers, &ids);
     drop(nodes.drain(..));
     Ok(Run {
         agents,
@@ -751,12 +795,14 @@ fn run(
         slots,
         node_args: a.node_arg.clone(),
         kill_pct,
+        kill_after_s: a.kill_after().as_secs_f64(),
         rep,
         jobs,
         killed,
         success_rate: succeeded as f64 / jobs as f64,
         duplicate_results: disagree.len(),
         duplicate_executions,
+        duplicate_first_attempts,
         mttr_ms,
         recovery_ms,
         detection_ms,
@@ -766,6 +812,7 @@ fn run(
         rank_step_ms,
         arrival_after_kill,
         write_push_after_kill,
+        silence_after_kill,
         sched_wait_ms,
         msgs_per_node_s,
         cpu_cores_per_node,
@@ -773,5 +820,7 @@ fn run(
         drain_s,
         members_judged_dead,
         members_revived,
+        late_probe_ticks,
+        late_judgement_deadlines,
     })
 }

@@ -9,6 +9,9 @@
 //!
 //! Modules: `e1` here, `kill` (E2 and E3 share one kill-and-measure run), `e4`, `e5`.
 
+// The per-configuration summaries are one `json!` literal each, deeper than the default.
+#![recursion_limit = "256"]
+
 mod e4;
 mod e5;
 mod kill;
@@ -143,6 +146,20 @@ fn duplicate_executions(
                 .map(|t| t.lines().count())
                 .unwrap_or(0);
             lines.saturating_sub(done.get(id).map_or(1, |s| s.attempts.len().max(1)))
+        })
+        .sum()
+}
+
+/// Of [`duplicate_executions`], those of a job's first attempt (two nodes both starting
+/// it when it was first scheduled), counted from the attempt numbers in the marker files:
+/// executions of attempt 1 beyond one. The rest come with takeovers and retries.
+fn duplicate_first_attempts(markers: &Path, ids: &[String]) -> usize {
+    ids.iter()
+        .map(|id| {
+            std::fs::read_to_string(markers.join(id))
+                .map(|t| t.lines().filter(|l| l.trim() == "1").count())
+                .unwrap_or(0)
+                .saturating_sub(1)
         })
         .sum()
 }
