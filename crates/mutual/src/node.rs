@@ -1900,8 +1900,9 @@ impl Node {
 
     /// A watched node's deadline (`Detector::next_judgement_ms`) came between probe
     /// periods: judge it now rather than at the next period. If the deadline fired more
-    /// than half a period late, this node was starved and answers may sit unread; the
-    /// next probe period judges then, after forgiving the starvation.
+    /// than half a period late, this node was starved and answers may sit unread: it
+    /// leaves the judgement to the next probe period, by when they have been read (and
+    /// which forgives the starvation if its own tick came late too).
     fn judge_deadline(&mut self, due_ms: u64) {
         let now = now_ms();
         if now.saturating_sub(due_ms) <= self.cfg.timing.probe_interval_ms / 2 {

@@ -80,9 +80,11 @@ pub struct NodeArgs {
     /// A relay URL to advertise, for clusters across the internet (none by default).
     #[arg(long)]
     relay: Option<String>,
-    /// Failure-detector probe period. Each node probes two ring neighbours; probes are
-    /// most of an idle node's CPU (at 250ms, about 6 ms per second on this 2-core
-    /// machine), so shorter periods buy faster detection with CPU.
+    /// Failure-detector probe period. Each node probes four ring successors (two it
+    /// watches, two it looks ahead at); probes are most of an idle node's CPU, so shorter
+    /// periods buy faster detection with CPU. A watched node is judged the moment its
+    /// silence passes the failure timeout, so detection takes between the timeout minus
+    /// one period and the timeout.
     #[arg(long, default_value = "250ms", value_parser = parse_duration_ms)]
     probe_interval: u64,
     /// A watched node silent this long is judged dead.
