@@ -254,3 +254,37 @@ pub fn today() -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     format!("{:04}-{:02}-{:02}", if m <= 2 { y + 1 } else { y }, m, d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two scrapes of one node's histogram, as `prometheus-client` writes them.
+    const BEFORE: &str = "# TYPE mutual_x_milliseconds histogram\n\
+        mutual_x_milliseconds_sum 30.0\n\
+        mutual_x_milliseconds_count 3\n\
+        mutual_x_milliseconds_bucket{le=\"10.0\"} 2\n\
+        mutual_x_milliseconds_bucket{le=\"100.0\"} 3\n\
+        mutual_x_milliseconds_bucket{le=\"+Inf\"} 3\n\
+        mutual_y_milliseconds_bucket{le=\"10.0\"} 7\n";
+    const AFTER: &str = "mutual_x_milliseconds_bucket{le=\"10.0\"} 4\n\
+        mutual_x_milliseconds_bucket{le=\"100.0\"} 12\n\
+        mutual_x_milliseconds_bucket{le=\"+Inf\"} 13\n";
+
+    #[test]
+    fn histogram_quantiles_count_only_what_came_between_two_scrapes() {
+        let before = histogram_buckets(BEFORE, "mutual_x_milliseconds");
+        assert_eq!(before, vec![(10.0, 2), (100.0, 3), (f64::INFINITY, 3)]);
+        let after = histogram_buckets(AFTER, "mutual_x_milliseconds");
+        let between = bucket_diff(&before, &after);
+        assert_eq!(between, vec![(10.0, 2), (100.0, 9), (f64::INFINITY, 10)]);
+        assert_eq!(histogram_quantile(&between, 0.2), Some(10.0));
+        assert_eq!(histogram_quantile(&between, 0.5), Some(100.0));
+        assert_eq!(histogram_quantile(&between, 0.99), Some(f64::INFINITY));
+        assert_eq!(histogram_quantile(&bucket_diff(&after, &after), 0.5), None);
+        // Two nodes' histograms add bound by bound.
+        let both = sum_buckets([before.clone(), after]);
+        assert_eq!(both, vec![(10.0, 6), (100.0, 15), (f64::INFINITY, 16)]);
+        assert!(histogram_buckets(BEFORE, "mutual_z").is_empty());
+    }
+}
