@@ -14,10 +14,13 @@
 //!
 //! It replaced an estimate from probe round trips: half a round trip, taken as mean plus
 //! four deviations, times the overlay's depth, doubled for clock skew. Every factor there
-//! was an upper bound and they multiplied; under the load of a takeover burst on two cores
-//! (20 nodes, depth 6) it reached the 500 ms cap, and the settle window alone was half of
-//! the MTTR (E3 at 20 agents: start after claim p50 501 ms). The records measure the path
-//! itself, skew included, so nothing has to be assumed.
+//! was an upper bound and they multiplied; in a takeover on two cores (20 nodes, depth 6)
+//! it reached the 500 ms cap, and the settle window alone was up to half of the MTTR (E3
+//! at 20 agents, killed mid-run: start after claim p95 501 ms, 153 ms with this). The
+//! records measure the path itself, skew included, so nothing has to be assumed. Where the
+//! path really is that slow — right after a burst of submissions, records took 250–500 ms
+//! to arrive (p99) — the measured window is as long: it follows the load, it does not
+//! hide it.
 //!
 //! Samples older than [`WINDOW_MS`] are dropped, so the estimate follows the load; with
 //! fewer than [`MIN_SAMPLES`] recent ones it answers nothing and the driver falls back to
