@@ -136,6 +136,24 @@ const WRITE_PUSH: &str = "mutual_write_to_push_milliseconds";
 /// The nodes' histogram of the failure timeout in force at each death judgement.
 const SILENCE: &str = "mutual_detection_silence_milliseconds";
 
+/// The nodes' delay histograms, summed over `/metrics` texts (cumulative buckets).
+struct DelayHistograms {
+    arrival: Vec<(f64, u64)>,
+    write_push: Vec<(f64, u64)>,
+    silence: Vec<(f64, u64)>,
+}
+
+impl DelayHistograms {
+    fn sum(texts: &[String]) -> DelayHistograms {
+        let of = |name| sum_buckets(texts.iter().map(|m| histogram_buckets(m, name)));
+        DelayHistograms {
+            arrival: of(ARRIVAL),
+            write_push: of(WRITE_PUSH),
+            silence: of(SILENCE),
+        }
+    }
+}
+
 /// Clients submitting at once.
 const SUBMIT_THREADS: usize = 16;
 
@@ -639,20 +657,15 @@ fn run(
     shuffle(&mut order, (u64::from(kill_pct) << 32) ^ rep as u64);
     let victims: Vec<usize> = order.into_iter().take(killed).collect();
     let victim_ids: Vec<String> = victims.iter().filter_map(|i| nodes[*i].id()).collect();
-    // The survivors' record-delay histograms before the kill, to count only what follows.
-    let delay_buckets = |nodes: &[mutual::harness::LocalNode], name: &str| {
-        sum_buckets(
-            nodes
-                .iter()
-                .enumerate()
-                .filter(|(i, n)| !victims.contains(i) && n.is_running())
-                .filter_map(|(_, n)| n.client().metrics().ok())
-                .map(|m| histogram_buckets(&m, name)),
-        )
-    };
-    let arrival_before = delay_buckets(&nodes, ARRIVAL);
-    let write_push_before = delay_buckets(&nodes, WRITE_PUSH);
-    let silence_before = delay_buckets(&nodes, SILENCE);
+    // The survivors' delay histograms before the kill, to count only what follows: one
+    // scrape per survivor, which the kill waits for.
+    let before: Vec<String> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| !victims.contains(i) && n.is_running())
+        .filter_map(|(_, n)| n.client().metrics().ok())
+        .collect();
+    let delays_before = DelayHistograms::sum(&before);
     let t_kill = now_ms();
     // All at once: a hosted node's crash is an HTTP call.
     std::thread::scope(|s| {
@@ -750,6 +763,7 @@ fn run(
     let (mut members_judged_dead, mut members_revived) = (0, 0);
     let (mut late_probe_ticks, mut late_judgement_deadlines) = (0, 0);
     let (mut settle_window_ms, mut rank_step_ms) = (Vec::new(), Vec::new());
+    let mut after: Vec<String> = Vec::new();
     for ((n, at_start), cpu_then) in nodes.iter().zip(&msgs_at_start).zip(&cpu_at_start) {
         if !n.is_running() {
             continue;
@@ -766,6 +780,7 @@ fn run(
             settle_window_ms.push(metric(m, "mutual_settle_window_milliseconds") as f64);
             rank_step_ms.push(metric(m, "mutual_rank_step_milliseconds") as f64);
         }
+        after.extend(metrics);
         if let (Some(now), Some(then)) = (node_cpu_s(n), cpu_then) {
             cpu_cores_per_node.push((now - then).max(0.0) / secs);
         }
@@ -777,9 +792,10 @@ fn run(
             peak_rss_mib.push(rss);
         }
     }
-    let arrival_after_kill = bucket_diff(&arrival_before, &delay_buckets(&nodes, ARRIVAL));
-    let write_push_after_kill = bucket_diff(&write_push_before, &delay_buckets(&nodes, WRITE_PUSH));
-    let silence_after_kill = bucket_diff(&silence_before, &delay_buckets(&nodes, SILENCE));
+    let delays_after = DelayHistograms::sum(&after);
+    let arrival_after_kill = bucket_diff(&delays_before.arrival, &delays_after.arrival);
+    let write_push_after_kill = bucket_diff(&delays_before.write_push, &delays_after.write_push);
+    let silence_after_kill = bucket_diff(&delays_before.silence, &delays_after.silence);
     let disagree = duplicate_results(
         nodes.iter().filter(|n| n.is_running()),
         &ids,
