@@ -1129,6 +1129,11 @@ echo "$n" > "$MUTUAL_OUTPUT_DIR/final"; echo "done $n""#;
         first.claimed_at_ms < judged && judged <= second.claimed_at_ms,
         "{done:?}"
     );
+    let judge = first.expired_by.as_deref().expect("who judged it dead");
+    assert!(
+        judge != holder && nodes.iter().any(|n| n.id().as_deref() == Some(judge)),
+        "judged by a live member, not the dead holder: {done:?}"
+    );
     let logs = cli(&bin, &["logs", &id, "--node", &nodes[(k + 1) % 3].http]);
     let start: u32 = logs
         .lines()

@@ -31,6 +31,9 @@ pub struct Attempt {
     /// node first judged it dead and acted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expired_at_ms: Option<u64>,
+    /// The node that first closed it: for a holder that died, the first to judge it dead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_by: Option<String>,
     /// What it used (wall time, average CPU in thousandths of a core, peak memory, bytes
     /// read and written), if it finished.
     pub metrics: Option<mutual_core::view::ExecMetrics>,
@@ -208,9 +211,8 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
                 .expiries
                 .iter()
                 .filter(|((e, _), _)| e == epoch)
-                .map(|(_, r)| r)
-                .min_by_key(|r| r.hlc);
-            let expired = first_expiry.map(|r| {
+                .min_by_key(|(_, r)| r.hlc);
+            let expired = first_expiry.map(|(_, r)| {
                 serde_json::to_value(r.reason)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
@@ -229,7 +231,8 @@ pub fn job_status(view: &JobView) -> Option<JobStatus> {
                 exit_code: result.map(|r| r.outcome.exit_code),
                 timed_out: result.is_some_and(|r| r.outcome.timed_out),
                 expired,
-                expired_at_ms: first_expiry.map(|r| r.hlc.as_millis()),
+                expired_at_ms: first_expiry.map(|(_, r)| r.hlc.as_millis()),
+                expired_by: first_expiry.map(|((_, by), _)| by.to_string()),
                 metrics: result.map(|r| r.metrics),
                 outputs: result.and_then(|r| r.outputs.clone()),
                 logs: result.and_then(|r| r.logs.clone()),

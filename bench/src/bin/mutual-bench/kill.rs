@@ -12,6 +12,11 @@
 //! - per-node control messages per second (sent + received, from each survivor's
 //!   `/metrics`, over the run) and per-node peak memory (VmHWM of each survivor; a hosted
 //!   node counts its share of its process's).
+//!
+//! Every takeover is also written on its own (`<experiment>-takeovers.csv`): who held the
+//! job, how many of the holder's ring predecessors died with it, which node first judged
+//! it dead and how far along the ring that node sat, and MTTR's three parts. That is what
+//! tells a detection tail from runs of dead watchers, a starved judge or a late claim.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -79,6 +84,11 @@ pub struct RunArgs {
     /// Where the CSV, PNG and JSON go.
     #[arg(long, default_value_os_t = results_dir())]
     out: PathBuf,
+    /// Keep every run's node directories (data and `<node>.log`) under this directory,
+    /// one `<experiment>-n<agents>-k<kill %>-r<rep>` per run, instead of deleting them:
+    /// the nodes' logs say when each judged whom dead.
+    #[arg(long)]
+    keep: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -197,6 +207,26 @@ impl Observer {
     }
 }
 
+/// One job whose holder was killed while it ran, and how it was taken over. Nodes are
+/// the bench's agent numbers (0 is the observer).
+struct Takeover {
+    job: String,
+    holder: Option<usize>,
+    /// Killed nodes right before the holder on the ring (ids sorted): watchers that died
+    /// with it, which the detector's lookahead must see past.
+    dead_before: usize,
+    /// The node whose expiry of the holder's epoch came first (its first judge).
+    expired_by: Option<usize>,
+    /// Live nodes between that judge and the holder on the ring (0: its nearest live
+    /// predecessor, a watcher of it).
+    judge_hops: Option<usize>,
+    taker: Option<usize>,
+    mttr_ms: f64,
+    detection_ms: Option<f64>,
+    claim_after_detection_ms: Option<f64>,
+    start_after_claim_ms: f64,
+}
+
 /// One run's figures.
 struct Run {
     agents: usize,
@@ -251,6 +281,7 @@ struct Run {
     /// summed.
     late_probe_ticks: u64,
     late_judgement_deadlines: u64,
+    takeovers: Vec<Takeover>,
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
@@ -418,7 +449,7 @@ fn runs(name: &str, pairs: &[(usize, u32)], a: &RunArgs) -> anyhow::Result<Vec<V
     for &(agents, kill) in pairs {
         let mut these = Vec::new();
         for rep in 0..a.reps() {
-            let r = run(&bin, agents, per * agents, kill, rep, a)?;
+            let r = run(&bin, agents, per * agents, kill, rep, name, a)?;
             eprintln!(
                 "{name}: {agents} agents, kill {kill}% rep {rep}: success {:.3}, duplicate results {}, duplicate executions {}, MTTR p95 {:?} ms",
                 r.success_rate,
@@ -433,6 +464,12 @@ fn runs(name: &str, pairs: &[(usize, u32)], a: &RunArgs) -> anyhow::Result<Vec<V
     }
     let rows: Vec<Vec<String>> = all.iter().map(csv_row).collect();
     csv(&out.join(format!("{name}.csv")), &CSV_HEADER, &rows)?;
+    let rows: Vec<Vec<String>> = all.iter().flat_map(takeover_rows).collect();
+    csv(
+        &out.join(format!("{name}-takeovers.csv")),
+        &TAKEOVER_HEADER,
+        &rows,
+    )?;
     Ok(summaries)
 }
 
@@ -564,10 +601,24 @@ fn run(
     jobs: usize,
     kill_pct: u32,
     rep: usize,
+    name: &str,
     a: &RunArgs,
 ) -> anyhow::Result<Run> {
     let (slots, job_seconds) = (a.slots, a.job_seconds());
-    let root = tempfile::tempdir()?;
+    let root = match &a.keep {
+        Some(keep) => {
+            let dir = keep.join(format!("{name}-n{agents}-k{kill_pct}-r{rep}"));
+            if dir.exists() {
+                bail!(
+                    "{} exists: --keep does not overwrite a kept run",
+                    dir.display()
+                );
+            }
+            std::fs::create_dir_all(&dir)?;
+            RunDir::Kept(dir)
+        }
+        None => RunDir::Temp(tempfile::tempdir()?),
+    };
     let markers = root.path().join("markers");
     std::fs::create_dir_all(&markers)?;
     let mut node_args: Vec<String> = vec!["--containers".into(), "off".into()];
@@ -657,6 +708,7 @@ fn run(
     shuffle(&mut order, (u64::from(kill_pct) << 32) ^ rep as u64);
     let victims: Vec<usize> = order.into_iter().take(killed).collect();
     let victim_ids: Vec<String> = victims.iter().filter_map(|i| nodes[*i].id()).collect();
+    let ring = Ring::new(&nodes.iter().map(|n| n.id()).collect::<Vec<_>>(), &victims);
     // The survivors' delay histograms before the kill, to count only what follows: one
     // scrape per survivor, which the kill waits for.
     let before: Vec<String> = nodes
@@ -667,6 +719,9 @@ fn run(
         .collect();
     let delays_before = DelayHistograms::sum(&before);
     let t_kill = now_ms();
+    eprintln!(
+        "{name}: {agents} agents, kill {kill_pct}% rep {rep}: killing agents {victims:?} at {t_kill} ms (Unix)"
+    );
     // All at once: a hosted node's crash is an HTTP call.
     std::thread::scope(|s| {
         for (i, n) in nodes.iter_mut().enumerate() {
@@ -722,33 +777,48 @@ fn run(
     let (mut mttr_ms, mut recovery_ms) = (Vec::new(), Vec::new());
     let (mut detection_ms, mut claim_after_detection_ms, mut start_after_claim_ms) =
         (Vec::new(), Vec::new(), Vec::new());
+    let mut takeovers = Vec::new();
     let since = |later: u64, earlier: u64| later.saturating_sub(earlier) as f64;
     for (id, holder) in &running {
         if !victim_ids.contains(holder) {
             continue;
         }
         let Some(s) = done.get(id) else { continue };
-        let judged = s
-            .attempts
-            .iter()
-            .find(|a| &a.node == holder)
-            .and_then(|a| a.expired_at_ms);
-        let Some((claimed, start)) = s
+        let held = s.attempts.iter().find(|a| &a.node == holder);
+        let judged = held.and_then(|a| a.expired_at_ms);
+        let Some((claimed, start, taker)) = s
             .attempts
             .iter()
             .filter(|a| &a.node != holder)
-            .filter_map(|a| Some((a.claimed_at_ms, a.started_at_ms?)))
-            .find(|(_, t)| *t >= t_kill)
+            .filter_map(|a| Some((a.claimed_at_ms, a.started_at_ms?, &a.node)))
+            .find(|(_, t, _)| *t >= t_kill)
         else {
             continue;
         };
-        mttr_ms.push(since(start, t_kill));
-        start_after_claim_ms.push(since(start, claimed));
+        let holder_at = ring.agent(holder);
+        let judge_at = held.and_then(|a| ring.agent(a.expired_by.as_deref()?));
+        let t = Takeover {
+            job: id.clone(),
+            holder: holder_at,
+            dead_before: holder_at.map_or(0, |h| ring.dead_before(h)),
+            expired_by: judge_at,
+            judge_hops: holder_at
+                .zip(judge_at)
+                .and_then(|(h, j)| ring.live_between(j, h)),
+            taker: ring.agent(taker),
+            mttr_ms: since(start, t_kill),
+            detection_ms: judged.map(|j| since(j, t_kill)),
+            claim_after_detection_ms: judged.map(|j| since(claimed, j)),
+            start_after_claim_ms: since(start, claimed),
+        };
+        mttr_ms.push(t.mttr_ms);
+        start_after_claim_ms.push(t.start_after_claim_ms);
         if let Some(judged) = judged {
             recovery_ms.push(since(start, judged));
-            detection_ms.push(since(judged, t_kill));
-            claim_after_detection_ms.push(since(claimed, judged));
         }
+        detection_ms.extend(t.detection_ms);
+        claim_after_detection_ms.extend(t.claim_after_detection_ms);
+        takeovers.push(t);
     }
     let sched_wait_ms: Vec<f64> = ids
         .iter()
@@ -838,5 +908,154 @@ fn run(
         members_revived,
         late_probe_ticks,
         late_judgement_deadlines,
+        takeovers,
     })
+}
+
+/// Where a run's nodes live: a temporary directory, or one `--keep` names.
+enum RunDir {
+    Temp(tempfile::TempDir),
+    Kept(PathBuf),
+}
+
+impl RunDir {
+    fn path(&self) -> &Path {
+        match self {
+            RunDir::Temp(t) => t.path(),
+            RunDir::Kept(p) => p,
+        }
+    }
+}
+
+/// The membership ring as the detectors order it (node ids sorted), with which agents
+/// were killed, to place each takeover on it.
+struct Ring {
+    /// Agent numbers in ring order.
+    order: Vec<usize>,
+    /// Ring position of each agent number (`usize::MAX` if its id is unknown).
+    at: Vec<usize>,
+    ids: BTreeMap<String, usize>,
+    dead: Vec<bool>,
+}
+
+impl Ring {
+    fn new(ids: &[Option<String>], victims: &[usize]) -> Ring {
+        let mut known: Vec<(&String, usize)> = ids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| Some((id.as_ref()?, i)))
+            .collect();
+        known.sort();
+        let order: Vec<usize> = known.iter().map(|(_, i)| *i).collect();
+        let mut at = vec![usize::MAX; ids.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            at[i] = pos;
+        }
+        Ring {
+            ids: known.into_iter().map(|(id, i)| (id.clone(), i)).collect(),
+            dead: (0..ids.len()).map(|i| victims.contains(&i)).collect(),
+            order,
+            at,
+        }
+    }
+
+    fn agent(&self, id: &str) -> Option<usize> {
+        self.ids.get(id).copied()
+    }
+
+    /// The agent `k` places before `agent` on the ring.
+    fn before(&self, agent: usize, k: usize) -> Option<usize> {
+        let n = self.order.len();
+        let pos = *self.at.get(agent).filter(|p| **p < n)?;
+        Some(self.order[(pos + n - k % n) % n])
+    }
+
+    /// Killed agents right before `agent` on the ring.
+    fn dead_before(&self, agent: usize) -> usize {
+        (1..self.order.len())
+            .take_while(|&k| self.before(agent, k).is_some_and(|b| self.dead[b]))
+            .count()
+    }
+
+    /// Live agents strictly between `from` and `to`, walking the ring forward from
+    /// `from`; `None` if `from` is not before `to` within one turn.
+    fn live_between(&self, from: usize, to: usize) -> Option<usize> {
+        let mut live = 0;
+        for k in 1..self.order.len() {
+            let b = self.before(to, k)?;
+            if b == from {
+                return Some(live);
+            }
+            live += usize::from(!self.dead[b]);
+        }
+        None
+    }
+}
+
+const TAKEOVER_HEADER: [&str; 13] = [
+    "n",
+    "kill_pct",
+    "rep",
+    "job",
+    "holder",
+    "dead_before_holder",
+    "first_judge",
+    "judge_hops",
+    "taker",
+    "mttr_ms",
+    "detection_ms",
+    "claim_after_detection_ms",
+    "start_after_claim_ms",
+];
+
+fn takeover_rows(r: &Run) -> impl Iterator<Item = Vec<String>> + '_ {
+    let opt = |v: Option<usize>| v.map_or(String::new(), |v| v.to_string());
+    let ms = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.0}"));
+    r.takeovers.iter().map(move |t| {
+        vec![
+            r.agents.to_string(),
+            r.kill_pct.to_string(),
+            r.rep.to_string(),
+            t.job.clone(),
+            opt(t.holder),
+            t.dead_before.to_string(),
+            opt(t.expired_by),
+            opt(t.judge_hops),
+            opt(t.taker),
+            format!("{:.0}", t.mttr_ms),
+            ms(t.detection_ms),
+            ms(t.claim_after_detection_ms),
+            format!("{:.0}", t.start_after_claim_ms),
+        ]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Agents 0..6 whose ids sort as 3, 0, 5, 1, 4, 2 on the ring; 0, 5 and 4 killed.
+    fn ring() -> Ring {
+        let ids = ["b", "d", "f", "a", "e", "c"].map(|s| Some(s.to_string()));
+        Ring::new(&ids, &[0, 5, 4])
+    }
+
+    #[test]
+    fn a_holder_is_placed_after_the_killed_nodes_before_it() {
+        let r = ring();
+        assert_eq!(r.agent("c"), Some(5));
+        assert_eq!(r.dead_before(1), 2, "0 and 5 come right before 1");
+        assert_eq!(r.dead_before(5), 1, "0 before 5, then live 3");
+        assert_eq!(r.dead_before(3), 0, "the ring wraps: 2 before 3 is alive");
+        assert_eq!(r.dead_before(2), 1);
+    }
+
+    #[test]
+    fn judge_hops_count_only_live_nodes_between() {
+        let r = ring();
+        assert_eq!(r.live_between(3, 1), Some(0), "only killed nodes between");
+        assert_eq!(r.live_between(2, 1), Some(1), "3 lies between, alive");
+        assert_eq!(r.live_between(1, 2), Some(0), "4 is dead");
+        assert_eq!(r.live_between(1, 1), None, "not within one turn");
+    }
 }
