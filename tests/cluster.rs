@@ -1636,3 +1636,54 @@ fn two_nodes_that_talk_both_ways_share_one_connection() {
         "neither node dialled the other a second time"
     );
 }
+
+/// A node that was down when another died learns the death from membership anti-entropy,
+/// not only from the death broadcast it missed: the member lists carry who is believed
+/// dead. The victim is chosen outside the restarted node's probe window, so that node
+/// would never judge it itself, and it restarts after the judges stopped repeating their
+/// broadcasts.
+#[test]
+fn a_node_that_missed_a_death_learns_it_from_membership_anti_entropy() {
+    let (_g, _dir, bin, mut nodes) = cluster(8, &[]);
+    let ids: Vec<String> = nodes.iter().map(|n| n.id().expect("id")).collect();
+    let mut ring: Vec<usize> = (0..ids.len()).collect();
+    ring.sort_by(|a, b| ids[*a].cmp(&ids[*b]));
+    let late = 7;
+    let at = ring.iter().position(|i| *i == late).expect("on the ring");
+    // The restarted node believes everyone alive and probes the first
+    // WATCHERS + LOOKAHEAD = 4 after it; the victim lies beyond them.
+    let victim = ring[(at + 5) % ring.len()];
+    assert!(victim != late && victim != 0);
+    let c = nodes[0].client();
+    let dead_at = |c: &Client, id: &str| {
+        c.nodes()
+            .ok()?
+            .into_iter()
+            .find(|n| n.id == id)
+            .map(|n| !n.alive)
+    };
+    nodes[late].kill();
+    eventually(30, "the late node judged dead", || {
+        dead_at(&c, &ids[late]).filter(|d| *d)
+    });
+    nodes[victim].kill();
+    eventually(30, "the victim judged dead", || {
+        dead_at(&c, &ids[victim]).filter(|d| *d)
+    });
+    // The judges repeat the broadcast for 14 failure timeouts (7 s at 500 ms).
+    std::thread::sleep(Duration::from_secs(10));
+    let dir = nodes[late].dir.clone();
+    let back =
+        LocalNode::start(&bin, &dir, Some(&nodes[0].ticket), &[]).expect("restart the late node");
+    let b = back.client();
+    eventually(
+        30,
+        "the restarted node is alive again for the others",
+        || dead_at(&c, &ids[late]).filter(|d| !*d),
+    );
+    eventually(
+        30,
+        "the restarted node learns of the death it missed",
+        || dead_at(&b, &ids[victim]).filter(|d| *d),
+    );
+}

@@ -17,14 +17,17 @@
 //! ([`Detector::tick`] is called again until it judges no one), on the silence measured
 //! while they were looked ahead at.
 //!
-//! Beliefs are corrected by evidence: a probe from a node believed dead, an answer to a
-//! re-probe, or a record it wrote after the judgement (the engine drops its judgement then,
-//! and the driver must follow, or a node judged dead by mistake — say across a partition — is
-//! never watched again and its real death later goes unnoticed; the simulator found this).
-//! Other messages are not evidence: in a node under load one may have waited behind
-//! thousands of others and been sent before its sender died and was judged dead.
-//! Nodes believed dead between this node and its last live target are re-probed now and
-//! then, for the same reason.
+//! Beliefs must be corrected, or a node judged dead by mistake — say across a partition —
+//! is never watched again and its real death later goes unnoticed (the simulator found
+//! this). The signs are a probe from a node believed dead, an answer to a re-probe, or a
+//! record it wrote after the judgement (the engine drops its judgement then). Nodes
+//! believed dead between this node and its last live target are re-probed now and then.
+//! The simulator revives a node on such a sign. The real node (`mutual`'s `node` module,
+//! since node protocol 4) does not: a sign may have waited in queues behind thousands of
+//! messages and been sent before its sender died, and a revival on one, relayed to every
+//! member, left a dead holder's jobs untaken for good at 100 placed agents. It tells the
+//! node instead, which refutes with newer info of its own; judgements carry the version
+//! of the info they were made on, and only newer info revives.
 //!
 //! Nodes are addressed by their position on the ring (a shared, sorted list of ids), so a
 //! thousand detectors in one simulation share one ring and keep only a bit per node.

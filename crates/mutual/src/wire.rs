@@ -15,13 +15,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The ALPN of the node protocol. The number is the protocol's version: it changes with
 /// any change to [`Msg`] that an older node would decode wrongly or not at all (2 added
-/// [`Msg::Changes`]`::sent`; 3 added [`Msg::Held`] and `reply` 3). Nodes of different versions do not talk: an older node that
+/// [`Msg::Changes`]`::sent`; 3 added [`Msg::Held`] and `reply` 3; 4 gave [`Bcast::Down`]
+/// a version, dropped `Bcast::Up`, added the dead to [`Msg::Members`] and added
+/// [`Msg::Judged`]). Nodes of different versions do not talk: an older node that
 /// dials this one is refused with [`version_refusal`], and this node's dial to an older
 /// one fails in the handshake (no common protocol), which the link logs.
-pub const ALPN: &[u8] = b"mutual/node/3";
+pub const ALPN: &[u8] = b"mutual/node/4";
 /// Earlier versions of [`ALPN`] that this node still accepts, only to refuse them with a
 /// reason the older node logs (it understands the refusal's close code).
-pub const OLD_ALPNS: &[&[u8]] = &[b"mutual/node/1", b"mutual/node/2"];
+pub const OLD_ALPNS: &[&[u8]] = &[b"mutual/node/1", b"mutual/node/2", b"mutual/node/3"];
 
 /// Why a connection of an older node-protocol version is refused.
 pub fn version_refusal(theirs: &[u8]) -> String {
@@ -92,9 +94,20 @@ pub enum Msg {
         info: Box<NodeInfo>,
     },
     /// The members the sender knows (on join, and when membership anti-entropy found the
-    /// two views differ).
-    Members(Vec<NodeInfo>),
-    /// Membership anti-entropy: a hash of the (member, version) pairs the sender knows.
+    /// two views differ), and those it believes dead, each with the version of its info
+    /// it was judged dead at (see [`Bcast::Down`]).
+    Members {
+        /// Every member's info, the sender's own included.
+        list: Vec<NodeInfo>,
+        /// Members believed dead, as of a version of their info.
+        dead: Vec<(NodeId, (u64, u64))>,
+    },
+    /// The receiver is believed dead by the sender, as of this version of its info: sent
+    /// when a member believed dead shows a sign of life (a probe, an answer, a hello, a
+    /// record), so that it refutes the judgement if it is alive (see [`Bcast::Down`]).
+    Judged((u64, u64)),
+    /// Membership anti-entropy: a hash of the (member, version, believed dead as of which
+    /// version) terms the sender knows.
     /// Only a receiver whose hash differs answers, with its whole list: sending every
     /// member's info every round cost each node O(N) per second, O(N²) in the cluster
     /// (9 % of an idle 200-node host's CPU in a profile, and nearly all of its bytes).
@@ -168,11 +181,12 @@ pub enum Msg {
 }
 
 impl Msg {
-    /// Whether this message is the failure detector's (a probe or its answer). These travel
+    /// Whether this message is the failure detector's (a probe, its answer, or the news
+    /// that its receiver is believed dead, which it must refute quickly). These travel
     /// on a stream of their own and skip the node's event queue (`net` module doc), so a
     /// backlog of job traffic does not read as a silent node.
     pub fn is_liveness(&self) -> bool {
-        matches!(self, Msg::Probe | Msg::Ack)
+        matches!(self, Msg::Probe | Msg::Ack | Msg::Judged(_))
     }
 }
 
@@ -189,10 +203,12 @@ pub enum Bcast {
         /// Encoded automerge changes, in order.
         changes: Vec<Vec<u8>>,
     },
-    /// Someone judged `node` dead.
-    Down(NodeId),
-    /// `node` is alive (a refutation, or a node judged dead answered).
-    Up(NodeId),
+    /// Someone judged `node` dead as of this version of its info. It holds until newer
+    /// info from `node` comes (its refutation: `node` bumps its version and broadcasts
+    /// [`Bcast::Info`]). A version orders a judgement and a refutation however they
+    /// travel, which an unversioned "up" did not: a stale one, relayed after a real death,
+    /// revived the dead member everywhere, and its jobs were never taken over.
+    Down(NodeId, (u64, u64)),
 }
 
 /// Longest `Msg::Changes::sent` list a receiver reads: the holders of a job are at most
@@ -202,7 +218,18 @@ pub const MAX_SENT_TO: usize = 256;
 /// One member's share of [`Msg::MemberDigest`]'s hash: order-free (summed), so two views
 /// holding the same (member, version) pairs hash alike however they were built.
 pub fn member_hash_term(id: &NodeId, version: (u64, u64)) -> u64 {
-    let mut h = blake3::Hasher::new_derive_key("mutual-cloud member digest v1");
+    hash_term("mutual-cloud member digest v1", id, version)
+}
+
+/// A dead belief's share of [`Msg::MemberDigest`]'s hash (added to the member's own):
+/// two views that disagree only on who is alive differ, so the anti-entropy that repairs
+/// missed member info repairs a missed death judgement too.
+pub fn member_dead_term(id: &NodeId, dead_at: (u64, u64)) -> u64 {
+    hash_term("mutual-cloud member dead v1", id, dead_at)
+}
+
+fn hash_term(context: &str, id: &NodeId, version: (u64, u64)) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key(context);
     h.update(&id.0);
     h.update(&version.0.to_le_bytes());
     h.update(&version.1.to_le_bytes());
@@ -289,13 +316,13 @@ mod tests {
     async fn frames_round_trip_and_limits_hold() {
         let msg = Msg::Tree {
             limit: NodeId::from_index(4),
-            body: Bcast::Down(NodeId::from_index(3)),
+            body: Bcast::Down(NodeId::from_index(3), (7, 1)),
         };
         let mut bytes = encode(&msg).expect("encode");
         bytes.extend(encode(&Msg::Probe).expect("encode"));
         let mut r = &bytes[..];
         assert!(
-            matches!(read_frame(&mut r).await, Ok(Some((Msg::Tree { body: Bcast::Down(n), .. }, _))) if n == NodeId::from_index(3))
+            matches!(read_frame(&mut r).await, Ok(Some((Msg::Tree { body: Bcast::Down(n, (7, 1)), .. }, _))) if n == NodeId::from_index(3))
         );
         assert!(matches!(
             read_frame(&mut r).await,
