@@ -2490,8 +2490,9 @@ impl Node {
     /// `id`, believed dead here, showed a sign of life: tell it, so that it refutes the
     /// judgement with newer info if it is alive. The sign itself revives no one: a probe,
     /// an answer or a record may have been sent before `id` died and waited in queues
-    /// until after the judgement, and a revival on such a sign, relayed to everyone, left
-    /// a dead holder's jobs untaken for good (E3 at 100 placed agents, 40 % killed).
+    /// until after the judgement. (E3 at 100 placed agents, 40 % killed, once left a dead
+    /// holder believed alive by all but its judges and its jobs untaken for good, when
+    /// any such sign revived for good.)
     fn tell_if_judged(&self, id: NodeId) {
         if let Some(m) = self.members.get(&id).filter(|m| !m.alive) {
             self.send(&id, &Msg::Judged(m.dead_at));
@@ -2612,8 +2613,8 @@ impl Node {
             );
         }
         // The engine drops a death judgement when it sees a record written after it
-        // (evidence of life); the detector follows, or a node judged dead by mistake is
-        // never watched again.
+        // (evidence of life). The writer is told, and refutes if it is alive; the detector
+        // follows its newer info, or a node judged dead by mistake is never watched again.
         for w in writers {
             if w != self.id && !self.engine.is_judged_down(&w) {
                 self.tell_if_judged(w);
