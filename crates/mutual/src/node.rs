@@ -2321,7 +2321,18 @@ impl Node {
                 self.on_bcast(body, now);
             }
             Msg::Probe => self.send(&from, &Msg::Ack),
-            Msg::Judged(at) => self.told_down(self.id, at, now),
+            Msg::Judged(at) => {
+                self.told_down(self.id, at, now);
+                // The teller may be cut off from this node's broadcasts (a healed
+                // partition: each side believes the other dead, and a broadcast goes down
+                // the live ring only), so it gets this node's info straight; member
+                // anti-entropy spreads it on its side.
+                let members = Msg::Members {
+                    list: vec![self.my_info()],
+                    dead: Vec::new(),
+                };
+                self.send(&from, &members);
+            }
             Msg::Ack => {
                 if let Some(sent) = self.probed_at.remove(&from) {
                     self.rtt_sample(sent.elapsed(), now);
