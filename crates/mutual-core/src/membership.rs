@@ -22,12 +22,15 @@
 //! this). The signs are a probe from a node believed dead, an answer to a re-probe, or a
 //! record it wrote after the judgement (the engine drops its judgement then). Nodes
 //! believed dead between this node and its last live target are re-probed now and then.
-//! The simulator revives a node on such a sign. The real node (`mutual`'s `node` module,
-//! since node protocol 4) does not: a sign may have waited in queues behind thousands of
-//! messages and been sent before its sender died, and a revival on one, relayed to every
-//! member, left a dead holder's jobs untaken for good at 100 placed agents. It tells the
-//! node instead, which refutes with newer info of its own; judgements carry the version
-//! of the info they were made on, and only newer info revives.
+//! A sign revives no one, though (`mutual`'s `node` module since node protocol 4, and the
+//! simulator): it may have waited in queues behind thousands of messages and been sent
+//! before its sender died. At 100 placed agents a dead holder once stayed believed alive
+//! by all but its judges, its jobs untaken for good, while any sign revived. The node
+//! that sees the sign tells the sender instead, which refutes with newer info of its
+//! own (and sends it to the teller straight, which a healed partition needs: each side's
+//! broadcasts reach only the members it believes alive). Judgements carry the version of
+//! the info they were made on, only newer info revives, and member anti-entropy carries
+//! the dead, so a missed judgement or refutation is repaired.
 //!
 //! Nodes are addressed by their position on the ring (a shared, sorted list of ids), so a
 //! thousand detectors in one simulation share one ring and keep only a bit per node.

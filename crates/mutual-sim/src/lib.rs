@@ -345,8 +345,20 @@ enum Msg {
     },
     Probe,
     Ack,
-    Down(u32),
-    Up(u32),
+    /// The node was judged dead as of this version of its info (`wire::Bcast::Down`).
+    Down(u32, u64),
+    /// The node's newer info: its refutation, or its restart (`wire::Bcast::Info`).
+    Up(u32, u64),
+    /// The receiver is believed dead as of this version (`wire::Msg::Judged`).
+    Judged(u64),
+    /// Membership anti-entropy (`wire::Msg::Members`, as far as deaths go): the sender's
+    /// dead, each as of a version, and the newer versions it knows of the receiver's
+    /// dead (refutations it missed); `reply` asks for the receiver's in return.
+    Members {
+        dead: Rc<Vec<(u32, u64)>>,
+        refuted: Vec<(u32, u64)>,
+        reply: bool,
+    },
     AeDigest {
         digest: Rc<Vec<(JobId, u64)>>,
         /// The sender is restarting: recently changed jobs are sent too.
@@ -458,6 +470,12 @@ struct SimNode {
     drift_ppm: i64,
     /// The node's failure detector (its beliefs about the others).
     det: Detector,
+    /// The version of its own info: bumped by a refutation and by a restart.
+    version: u64,
+    /// The newest version of each other node's info it has heard of (0 if none).
+    seen: HashMap<u32, u64>,
+    /// The version each node it believes dead was judged dead at.
+    dead_at: HashMap<u32, u64>,
     passive_rounds: u32,
     /// Which differing jobs anti-entropy sends now, as in `mutual node`.
     ae_pacer: Pacer,
@@ -613,6 +631,9 @@ impl Sim {
                     0
                 },
                 det: Detector::new(pos, ring.clone(), cfg.fd_timeout_ms, 0),
+                version: 0,
+                seen: HashMap::new(),
+                dead_at: HashMap::new(),
                 passive_rounds: 0,
                 ae_pacer: Pacer::new(cfg.settle_ms),
                 ae_cursor: 0,
@@ -758,7 +779,7 @@ impl Sim {
     }
 
     fn send(&mut self, from: u32, to: u32, msg: Msg) {
-        let probe = matches!(msg, Msg::Probe | Msg::Ack);
+        let probe = matches!(msg, Msg::Probe | Msg::Ack | Msg::Judged(_));
         for at in self.route(from, to, probe).into_iter().flatten() {
             self.schedule(
                 at,
@@ -1349,9 +1370,13 @@ impl Sim {
                     self.cfg.fd_timeout_ms,
                     self.now,
                 );
-                self.nodes[node as usize].det = det;
+                let n = &mut self.nodes[node as usize];
+                n.det = det;
+                n.dead_at.clear();
+                n.version += 1;
+                let version = n.version;
                 self.boot(node, Some(views));
-                self.broadcast(node, Msg::Up(node));
+                self.broadcast(node, Msg::Up(node, version));
             }
             Ev::PartitionStart { until_ms } => {
                 if !self.faults || self.partitioned {
@@ -1493,7 +1518,8 @@ impl Sim {
             !det.is_alive(*t as usize)
         });
         for t in again {
-            self.broadcast(i, Msg::Down(t));
+            let at = self.dead_at(i, t);
+            self.broadcast(i, Msg::Down(t, at));
         }
         self.submit_tick(i);
         // Every few ticks, probe the nodes believed dead between this node and its last
@@ -1561,7 +1587,8 @@ impl Sim {
         self.mark(i, t, false);
         let id = self.nodes[t as usize].id;
         self.feed(i, Event::Suspect(id), None);
-        self.broadcast(i, Msg::Down(t));
+        let at = self.dead_at(i, t);
+        self.broadcast(i, Msg::Down(t, at));
         let timeout = self.cfg.fd_timeout_ms;
         self.nodes[i as usize].downs.judged(t, self.now, timeout);
     }
@@ -1607,6 +1634,69 @@ impl Sim {
         }
     }
 
+    /// Node `i` is told that `x` was judged dead as of version `at` (as `mutual node`'s
+    /// `told_down`): it holds unless `i` knows newer info from `x`; told of its own
+    /// death, `i` refutes with a new version.
+    fn told_down(&mut self, i: u32, x: u32, at: u64) {
+        if x == i {
+            let node = &mut self.nodes[i as usize];
+            if at >= node.version {
+                node.version += 1;
+                let version = node.version;
+                self.broadcast(i, Msg::Up(i, version));
+            }
+            return;
+        }
+        let node = &mut self.nodes[i as usize];
+        if at < node.seen.get(&x).copied().unwrap_or(0) {
+            return;
+        }
+        self.mark(i, x, false);
+        let d = self.nodes[i as usize].dead_at.entry(x).or_insert(at);
+        *d = (*d).max(at);
+        // As `mutual node` does under placement: the holders of the dead node's jobs act
+        // on the judgement at once.
+        if self.cfg.replicas > 0 {
+            let id = self.nodes[x as usize].id;
+            self.feed(i, Event::Suspect(id), None);
+        }
+    }
+
+    /// Node `i` hears version `v` of `x`'s info: newer than a judgement, it revives `x`.
+    fn told_up(&mut self, i: u32, x: u32, v: u64) {
+        if x == i {
+            return;
+        }
+        let node = &mut self.nodes[i as usize];
+        let seen = node.seen.entry(x).or_insert(0);
+        *seen = (*seen).max(v);
+        if node.dead_at.get(&x).is_some_and(|at| v > *at) {
+            self.mark(i, x, true);
+        }
+    }
+
+    /// Node `t` showed node `i` a sign of life while `i` believes it dead: `i` tells it.
+    fn tell_if_judged(&mut self, i: u32, t: u32) {
+        if let Some(&at) = self.nodes[i as usize].dead_at.get(&t) {
+            self.send(i, t, Msg::Judged(at));
+        }
+    }
+
+    fn dead_at(&self, i: u32, t: u32) -> u64 {
+        self.nodes[i as usize].dead_at.get(&t).copied().unwrap_or(0)
+    }
+
+    /// Node `i`'s dead, each as of a version, in a fixed order (determinism).
+    fn dead_list(&self, i: u32) -> Vec<(u32, u64)> {
+        let mut dead: Vec<(u32, u64)> = self.nodes[i as usize]
+            .dead_at
+            .iter()
+            .map(|(t, at)| (*t, *at))
+            .collect();
+        dead.sort_unstable();
+        dead
+    }
+
     fn mark(&mut self, i: u32, t: u32, alive: bool) {
         let was = self.nodes[i as usize].det.is_alive(t as usize);
         self.trace(
@@ -1617,6 +1707,13 @@ impl Sim {
             ),
         );
         let id = self.nodes[t as usize].id;
+        let node = &mut self.nodes[i as usize];
+        if alive {
+            node.dead_at.remove(&t);
+        } else {
+            let seen = node.seen.get(&t).copied().unwrap_or(0);
+            node.dead_at.entry(t).or_insert(seen);
+        }
         let before = (self.cfg.replicas > 0).then(|| self.alive_ring(i));
         if !self.nodes[i as usize].det.set(t as usize, alive, self.now) {
             if !alive {
@@ -1891,7 +1988,19 @@ impl Sim {
                 self.send(i, t, Msg::Probe);
             }
         }
-        for j in self.ae_partners(i) {
+        // Membership anti-entropy, as `mutual node` does each round with one neighbour
+        // (there only when the two hashes differ; here every round, the dead only).
+        let partners = self.ae_partners(i);
+        if let Some(&j) = partners.first() {
+            let dead = Rc::new(self.dead_list(i));
+            let msg = Msg::Members {
+                dead,
+                refuted: Vec::new(),
+                reply: true,
+            };
+            self.send(i, j, msg);
+        }
+        for j in partners {
             let digest = Rc::new(self.digest(i, j));
             let catching_up = passive;
             self.send(
@@ -1966,15 +2075,11 @@ impl Sim {
         if !self.up(to) {
             return;
         }
-        // A probe is evidence that its sender is alive: a node that believed the sender
-        // dead (say, a Down during a partition whose Up was lost) takes it back, as the
-        // engine does for records written after a judgement. Otherwise the stale belief
-        // outlives the sender's real death, when a new Down changes nothing. As in
-        // `mutual node`, only a probe counts (an ack is handled below): there a job
-        // message may have waited long behind others, and been sent before its sender
-        // died and was judged dead.
-        if matches!(msg, Msg::Probe) && !self.nodes[to as usize].det.is_alive(from as usize) {
-            self.mark(to, from, true);
+        // As in `mutual node` (protocol 4): a probe from a node believed dead revives no
+        // one; the node is told, and refutes with newer info if it is alive. Only newer
+        // info revives (`told_up`).
+        if matches!(msg, Msg::Probe) {
+            self.tell_if_judged(to, from);
         }
         match msg {
             Msg::Records { job, payload } => self.receive(to, job, payload),
@@ -2031,27 +2136,51 @@ impl Sim {
             Msg::Probe => self.send(to, from, Msg::Ack),
             Msg::Ack => {
                 let now = self.now;
-                if !self.nodes[to as usize].det.is_alive(from as usize) {
-                    // A node we believed dead answered: it is alive after all.
-                    self.mark(to, from, true);
-                    self.broadcast(to, Msg::Up(from));
-                }
+                self.tell_if_judged(to, from);
                 self.nodes[to as usize].det.answered(from as usize, now);
             }
-            Msg::Down(x) => {
-                if x == to {
-                    self.broadcast(to, Msg::Up(to));
-                } else {
-                    self.mark(to, x, false);
-                    // As `mutual node` does under placement: the holders of the dead
-                    // node's jobs act on the judgement at once.
-                    if self.cfg.replicas > 0 {
-                        let id = self.nodes[x as usize].id;
-                        self.feed(to, Event::Suspect(id), None);
-                    }
+            Msg::Down(x, at) => self.told_down(to, x, at),
+            Msg::Judged(at) => {
+                // As `mutual node` does: refute if need be, and give the teller this
+                // node's version straight (it may be cut off from its broadcasts).
+                self.told_down(to, to, at);
+                let version = self.nodes[to as usize].version;
+                self.send(to, from, Msg::Up(to, version));
+            }
+            Msg::Up(x, v) => self.told_up(to, x, v),
+            Msg::Members {
+                dead,
+                refuted,
+                reply,
+            } => {
+                for (x, v) in refuted {
+                    self.told_up(to, x, v);
+                }
+                let node = &self.nodes[to as usize];
+                let refuted: Vec<(u32, u64)> = dead
+                    .iter()
+                    .filter_map(|&(x, at)| {
+                        let v = if x == to {
+                            node.version
+                        } else {
+                            *node.seen.get(&x)?
+                        };
+                        (v > at).then_some((x, v))
+                    })
+                    .collect();
+                for &(x, at) in dead.iter() {
+                    self.told_down(to, x, at);
+                }
+                if reply {
+                    let dead = Rc::new(self.dead_list(to));
+                    let msg = Msg::Members {
+                        dead,
+                        refuted,
+                        reply: false,
+                    };
+                    self.send(to, from, msg);
                 }
             }
-            Msg::Up(x) => self.mark(to, x, true),
             Msg::AeDigest {
                 digest: theirs,
                 catching_up,
@@ -2116,7 +2245,7 @@ impl Sim {
         // The engine drops a death judgement when it sees a record written after it
         // (evidence of life). The detector must follow, or a node judged dead by mistake
         // (say, across a partition) is never watched again and its real death later goes
-        // unnoticed: believe it alive again, so its watchers probe it afresh.
+        // unnoticed: the writer is told, and its refutation revives it.
         for w in writers {
             let Some(&t) = self.index.get(&w) else {
                 continue;
@@ -2125,8 +2254,8 @@ impl Sim {
                 .engine
                 .as_ref()
                 .is_some_and(|e| e.is_judged_down(&w));
-            if !judged && !self.nodes[to as usize].det.is_alive(t as usize) {
-                self.mark(to, t, true);
+            if !judged {
+                self.tell_if_judged(to, t);
             }
         }
         // Invariant 8: whatever was merged is within the drift bound of local time.
