@@ -207,7 +207,8 @@ pub enum Bcast {
     /// info from `node` comes (its refutation: `node` bumps its version and broadcasts
     /// [`Bcast::Info`]). A version orders a judgement and a refutation however they
     /// travel, which an unversioned "up" did not: a stale one, relayed after a real death,
-    /// revived the dead member everywhere, and its jobs were never taken over.
+    /// could revive the dead member everywhere for good (E3 at 100 placed agents once left
+    /// a dead holder believed alive by all but its judges, its jobs never taken over).
     Down(NodeId, (u64, u64)),
 }
 
@@ -310,6 +311,13 @@ mod tests {
         assert_ne!(sum(&view), sum(&view[..2]));
         // Swapping two members' versions is not the same view either.
         assert_ne!(sum(&view), sum(&[(a, (7, 0)), (b, (5, 1)), (c, (9, 3))]));
+        // Believing one member dead (as of its version, or of an older one) is not either.
+        let dead_b = sum(&view).wrapping_add(member_dead_term(&b, (7, 0)));
+        assert_ne!(sum(&view), dead_b);
+        assert_ne!(
+            dead_b,
+            sum(&view).wrapping_add(member_dead_term(&b, (6, 0)))
+        );
     }
 
     #[tokio::test]
