@@ -1502,12 +1502,14 @@ impl Node {
             self.links.insert(id, link);
             self.refresh_overlay();
         }
+        // Newer info than a judgement is the member's refutation (or a restart).
         if self
             .members
             .get(&id)
             .is_some_and(|m| !m.alive && m.info.version > m.dead_at)
         {
-            self.revive(id, "it has newer info than the judgement", now);
+            self.mark(id, true, now);
+            tracing::info!(node = %id, "believed alive again: it has newer info than the judgement");
         }
     }
 
@@ -1563,17 +1565,6 @@ impl Node {
 
     fn pos(&self, id: &NodeId) -> Option<usize> {
         self.det.ring().binary_search(id).ok()
-    }
-
-    /// Believes `id` alive again on evidence (`why`), and says so in the log when it was
-    /// believed dead: a revival of a node that is really dead leaves its jobs unexpired
-    /// wherever it is believed alive.
-    fn revive(&mut self, id: NodeId, why: &str, now: u64) {
-        let before = self.revived_total;
-        self.mark(id, true, now);
-        if self.revived_total != before {
-            tracing::info!(node = %id, "believed alive again: {why}");
-        }
     }
 
     /// Updates this node's belief about `id`, telling the engine what changed.

@@ -222,6 +222,11 @@ struct Takeover {
     judge_hops: Option<usize>,
     taker: Option<usize>,
     mttr_ms: f64,
+    /// The takeover's start minus the first expiry of the dead holder's epoch.
+    recovery_after_detection_ms: Option<f64>,
+    /// MTTR's parts: the kill to that expiry (detection), the expiry to the takeover's
+    /// claim (its spread plus the rendezvous delay), the claim to the start (the settle
+    /// window).
     detection_ms: Option<f64>,
     claim_after_detection_ms: Option<f64>,
     start_after_claim_ms: f64,
@@ -246,14 +251,6 @@ struct Run {
     duplicate_executions: usize,
     /// Of those, executions of a first attempt beyond one (initial scheduling).
     duplicate_first_attempts: usize,
-    mttr_ms: Vec<f64>,
-    recovery_ms: Vec<f64>,
-    /// MTTR's parts, per taken-over job: the kill to the first expiry of the dead
-    /// holder's epoch (detection), that expiry to the takeover's claim (the expiry's
-    /// spread plus the rendezvous delay), the claim to the start (the settle window).
-    detection_ms: Vec<f64>,
-    claim_after_detection_ms: Vec<f64>,
-    start_after_claim_ms: Vec<f64>,
     /// Each survivor's settle window and rendezvous step at the end of the run (ms).
     settle_window_ms: Vec<f64>,
     rank_step_ms: Vec<f64>,
@@ -281,7 +278,19 @@ struct Run {
     /// summed.
     late_probe_ticks: u64,
     late_judgement_deadlines: u64,
+    /// Every job whose holder was killed while it ran, taken over: MTTR and its parts.
     takeovers: Vec<Takeover>,
+}
+
+impl Run {
+    /// One figure of every takeover that has it.
+    fn per_takeover(&self, f: fn(&Takeover) -> Option<f64>) -> Vec<f64> {
+        self.takeovers.iter().filter_map(f).collect()
+    }
+}
+
+fn mttr(t: &Takeover) -> Option<f64> {
+    Some(t.mttr_ms)
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
@@ -328,6 +337,7 @@ const CSV_HEADER: [&str; 34] = [
 fn csv_row(r: &Run) -> Vec<String> {
     let p = |v: &[f64], q| pct(v, q).map_or(String::new(), |v| format!("{v:.0}"));
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.1}"));
+    let mttr_ms = r.per_takeover(mttr);
     vec![
         r.agents.to_string(),
         r.slots.to_string(),
@@ -338,11 +348,11 @@ fn csv_row(r: &Run) -> Vec<String> {
         format!("{:.4}", r.success_rate),
         r.duplicate_results.to_string(),
         r.duplicate_executions.to_string(),
-        r.mttr_ms.len().to_string(),
-        p(&r.mttr_ms, 0.5),
-        p(&r.mttr_ms, 0.95),
-        p(&r.mttr_ms, 1.0),
-        p(&r.recovery_ms, 0.95),
+        mttr_ms.len().to_string(),
+        p(&mttr_ms, 0.5),
+        p(&mttr_ms, 0.95),
+        p(&mttr_ms, 1.0),
+        p(&r.per_takeover(|t| t.recovery_after_detection_ms), 0.95),
         p(&r.sched_wait_ms, 0.5),
         p(&r.sched_wait_ms, 0.99),
         f(mean(&r.msgs_per_node_s)),
@@ -354,9 +364,9 @@ fn csv_row(r: &Run) -> Vec<String> {
         r.replicas.to_string(),
         r.members_judged_dead.to_string(),
         r.members_revived.to_string(),
-        p(&r.detection_ms, 0.95),
-        p(&r.claim_after_detection_ms, 0.95),
-        p(&r.start_after_claim_ms, 0.95),
+        p(&r.per_takeover(|t| t.detection_ms), 0.95),
+        p(&r.per_takeover(|t| t.claim_after_detection_ms), 0.95),
+        p(&r.per_takeover(|t| Some(t.start_after_claim_ms)), 0.95),
         f(mean(&r.settle_window_ms)),
         f(mean(&r.rank_step_ms)),
         f(histogram_quantile(&r.arrival_after_kill, 0.99)),
@@ -371,17 +381,20 @@ fn summarize(rs: &[&Run]) -> Value {
     let pool = |f: fn(&Run) -> &Vec<f64>| -> Vec<f64> {
         rs.iter().flat_map(|r| f(r).iter().copied()).collect()
     };
+    let taken = |f: fn(&Takeover) -> Option<f64>| -> Vec<f64> {
+        rs.iter().flat_map(|r| r.per_takeover(f)).collect()
+    };
     let (mttr, recovery, wait) = (
-        pool(|r| &r.mttr_ms),
-        pool(|r| &r.recovery_ms),
+        taken(mttr),
+        taken(|t| t.recovery_after_detection_ms),
         pool(|r| &r.sched_wait_ms),
     );
     let (msgs, rss) = (pool(|r| &r.msgs_per_node_s), pool(|r| &r.peak_rss_mib));
     let cpu = pool(|r| &r.cpu_cores_per_node);
     let (detection, claim, start) = (
-        pool(|r| &r.detection_ms),
-        pool(|r| &r.claim_after_detection_ms),
-        pool(|r| &r.start_after_claim_ms),
+        taken(|t| t.detection_ms),
+        taken(|t| t.claim_after_detection_ms),
+        taken(|t| Some(t.start_after_claim_ms)),
     );
     let (settle, step) = (pool(|r| &r.settle_window_ms), pool(|r| &r.rank_step_ms));
     let arrival = sum_buckets(rs.iter().map(|r| r.arrival_after_kill.clone()));
@@ -455,7 +468,7 @@ fn runs(name: &str, pairs: &[(usize, u32)], a: &RunArgs) -> anyhow::Result<Vec<V
                 r.success_rate,
                 r.duplicate_results,
                 r.duplicate_executions,
-                pct(&r.mttr_ms, 0.95)
+                pct(&r.per_takeover(mttr), 0.95)
             );
             these.push(r);
         }
@@ -774,9 +787,6 @@ fn run(
         .iter()
         .filter(|id| done.get(*id).is_some_and(|s| s.state == "succeeded"))
         .count();
-    let (mut mttr_ms, mut recovery_ms) = (Vec::new(), Vec::new());
-    let (mut detection_ms, mut claim_after_detection_ms, mut start_after_claim_ms) =
-        (Vec::new(), Vec::new(), Vec::new());
     let mut takeovers = Vec::new();
     let since = |later: u64, earlier: u64| later.saturating_sub(earlier) as f64;
     for (id, holder) in &running {
@@ -797,7 +807,7 @@ fn run(
         };
         let holder_at = ring.agent(holder);
         let judge_at = held.and_then(|a| ring.agent(a.expired_by.as_deref()?));
-        let t = Takeover {
+        takeovers.push(Takeover {
             job: id.clone(),
             holder: holder_at,
             dead_before: holder_at.map_or(0, |h| ring.dead_before(h)),
@@ -807,18 +817,11 @@ fn run(
                 .and_then(|(h, j)| ring.live_between(j, h)),
             taker: ring.agent(taker),
             mttr_ms: since(start, t_kill),
+            recovery_after_detection_ms: judged.map(|j| since(start, j)),
             detection_ms: judged.map(|j| since(j, t_kill)),
             claim_after_detection_ms: judged.map(|j| since(claimed, j)),
             start_after_claim_ms: since(start, claimed),
-        };
-        mttr_ms.push(t.mttr_ms);
-        start_after_claim_ms.push(t.start_after_claim_ms);
-        if let Some(judged) = judged {
-            recovery_ms.push(since(start, judged));
-        }
-        detection_ms.extend(t.detection_ms);
-        claim_after_detection_ms.extend(t.claim_after_detection_ms);
-        takeovers.push(t);
+        });
     }
     let sched_wait_ms: Vec<f64> = ids
         .iter()
@@ -889,11 +892,6 @@ fn run(
         duplicate_results: disagree.len(),
         duplicate_executions,
         duplicate_first_attempts,
-        mttr_ms,
-        recovery_ms,
-        detection_ms,
-        claim_after_detection_ms,
-        start_after_claim_ms,
         settle_window_ms,
         rank_step_ms,
         arrival_after_kill,
